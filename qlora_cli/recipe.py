@@ -1,0 +1,277 @@
+"""The recipe: one closed, typed schema, and the only home of defaults.
+
+A recipe is a YAML file with four sections — `model`, `lora`, `data`, `train` — named after the
+pipeline stage (and module) that reads them. Loading it validates everything that can be checked
+without touching weights, and reports every problem at once by its YAML path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from qlora_cli.errors import QloraError
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Hugging Face user access tokens; a recipe that carries one would leak it into every adapter it makes.
+HUB_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
+
+
+# Names users bring from peft, bitsandbytes, TRL and other tools, mapped to ours for "did you mean".
+SYNONYMS = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "model_name_or_path": "id",
+    "bnb_4bit_quant_type": "quant_type", "bnb_4bit_use_double_quant": "double_quant",
+    "bnb_4bit_compute_dtype": "compute_dtype", "bnb_4bit_quant_storage": "quant_storage",
+    "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "scheduler", "max_seq_length": "max_length",
+    "dataset": "path", "save_total_limit": "save_limit",
+}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(Section):
+    id: str = Field(description="Hub model id (org/name) or a local folder of safetensors weights.")
+    revision: str | None = Field(None, description="Hub branch, tag or commit; pin it for reproducible runs.")
+    load_in_4bit: bool = Field(True, description="Freeze the base in 4-bit (QLoRA); false trains LoRA on a 16-bit base.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 fits normally distributed weights best.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too: saves ~0.37 bit/param (~0.3 GB on 7B).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Dtype the 4-bit weights are dequantized to for matmuls; bf16 avoids fp16 overflow."
+    )
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8", description="Container dtype of packed 4-bit weights; FSDP needs it equal to compute_dtype."
+    )
+    trust_remote_code: bool = Field(False, description="Run modelling code from the hub repo; needs a pinned revision.")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel; sdpa is torch's fused attention.")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="Where to train; 'cuda' refuses to start without a GPU.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSection:
+        problems = []
+        if not self.load_in_4bit:
+            set_quant = sorted({"quant_type", "double_quant", "quant_storage"} & self.model_fields_set)
+            if set_quant:
+                problems.append(f"{', '.join(set_quant)} only apply with load_in_4bit: true; remove them or set load_in_4bit: true")
+        if self.trust_remote_code and not self.revision:
+            problems.append("trust_remote_code: true needs a pinned revision (a commit hash), so the code you run is the code you read")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class LoraSection(Section):
+    name: str = Field(description="Adapter name, used to find it later (`qlora generate --adapter NAME`). Defaults to the recipe's file name.")
+    r: int = Field(16, gt=0, description="LoRA rank: adapter capacity; trainable parameters grow linearly with it.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator; the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input, in [0, 1).")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' (every linear layer but the LM head, as in QLoRA)."
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train alongside the adapter.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not ADAPTER_NAME.match(name):
+            raise ValueError(f"adapter name {name!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return name
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, modules: list[str] | str) -> list[str] | str:
+        if isinstance(modules, list) and not modules:
+            raise ValueError("list at least one module name, or use 'all-linear'")
+        return modules
+
+
+class DataSection(Section):
+    path: str = Field(description="Hub dataset id, or a local .jsonl/.json/.csv/.parquet file (relative to the recipe).")
+    split: str = Field("train", description="Split to train on, for hub datasets.")
+    format: Literal["alpaca"] = Field("alpaca", description="Row layout: alpaca rows have instruction, optional input, output.")
+    template: Literal["alpaca"] = Field("alpaca", description="Prompt template; the adapter records it and generation reuses it.")
+    task: Literal["forward", "reverse"] = Field(
+        "forward", description="'reverse' learns to write the instruction that a response answers (the QLoRA tutorial's task)."
+    )
+    eval_path: str | None = Field(None, description="Held-out file or hub split (e.g. 'test') for evaluation loss.")
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="Share of training rows held out for evaluation when eval_path is unset.")
+    max_length: int = Field(2048, gt=0, description="Tokens per example; longer ones are truncated from the end.")
+    truncated: Literal["drop", "fail"] = Field(
+        "drop", description="Examples whose whole response falls beyond max_length teach nothing: drop them with a warning, or fail."
+    )
+    max_rows: int | None = Field(None, gt=0, description="Use only the first N rows (quick experiments).")
+
+
+class TrainSection(Section):
+    output_dir: str = Field(description="Run folder: checkpoints, logs and report. Defaults to runs/<lora.name>.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the data; ignored when max_steps is set.")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run; overrides epochs.")
+    batch_size: int = Field(4, gt=0, description="Examples per device per micro-step.")
+    grad_accum: int = Field(4, gt=0, description="Micro-steps per optimizer step; effective batch = batch_size x grad_accum x GPUs.")
+    lr: float = Field(2.0e-4, gt=0, description="Peak learning rate (QLoRA used 2e-4 for 7B-13B models).")
+    scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming the learning rate up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on adapter weights.")
+    max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping norm (QLoRA's 0.3 keeps 4-bit training stable).")
+    optim: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_bnb_8bit"] = Field(
+        "paged_adamw_32bit", description="Optimizer; paged variants spill optimizer state to CPU on memory spikes instead of OOM."
+    )
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward: ~30% slower, far less memory.")
+    seed: int = Field(42, description="Seed for data order, dropout and adapter initialisation.")
+    logging_steps: int = Field(10, gt=0, description="Log loss every N optimizer steps.")
+    save_steps: int = Field(100, gt=0, description="Write a checkpoint every N optimizer steps.")
+    save_limit: int = Field(2, gt=0, description="Complete checkpoints to keep; older ones go only after a newer one is complete.")
+
+
+class Recipe(Section):
+    model: ModelSection
+    lora: LoraSection
+    data: DataSection
+    train: TrainSection
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named_defaults(cls, data: Any, info: ValidationInfo) -> Any:
+        """Fill the two defaults that come from the recipe's own name: lora.name and train.output_dir."""
+        stem = (info.context or {}).get("stem")
+        if not isinstance(data, dict) or stem is None:
+            return data
+        data = dict(data)
+        lora = data.get("lora") if isinstance(data.get("lora"), dict) else {} if data.get("lora") is None else None
+        if lora is not None:
+            lora = {"name": stem, **lora}
+            data["lora"] = lora
+        train = data.get("train") if isinstance(data.get("train"), dict) else {} if data.get("train") is None else None
+        if train is not None and lora is not None and isinstance(lora.get("name"), str):
+            data["train"] = {"output_dir": f"runs/{lora['name']}", **train}
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override, validate and resolve a recipe; raise one QloraError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise QloraError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise QloraError(f"{path}: malformed YAML at {where}: {error.problem}") from None
+    except UnicodeDecodeError as error:
+        raise QloraError(f"{path}: not UTF-8 text (byte offset {error.start})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise QloraError(f"{path}: a recipe must be a mapping of sections (model, lora, data, train), not {type(data).__name__}")
+    for override in overrides:
+        _apply_override(data, override)
+    _refuse_tokens(data)
+    problems = _resolve_paths(data, path.parent)
+    try:
+        recipe = Recipe.model_validate(data, context={"stem": path.stem})
+    except ValidationError as error:
+        problems += [_describe(e) for e in error.errors()]
+    if problems:
+        raise QloraError(f"{path}: {len(problems)} problem(s)\n" + "\n".join(f"  {p}" for p in problems))
+    return recipe
+
+
+def _apply_override(data: dict, override: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or "." not in key:
+        raise QloraError(f"--set {override!r}: expected section.key=value, e.g. --set lora.r=16")
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise QloraError(f"--set {override!r}: {part} is not a section")
+        node = child
+    try:
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        raise QloraError(f"--set {override!r}: value is not valid YAML") from None
+
+
+def _refuse_tokens(node: Any, where: str = "") -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _refuse_tokens(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            _refuse_tokens(value, f"{where}[{index}]")
+    elif isinstance(node, str) and HUB_TOKEN.search(node):
+        raise QloraError(f"{where}: looks like an access token; tokens never go in a recipe — export HF_TOKEN instead")
+
+
+def _describe(error: dict) -> str:
+    location = ".".join(str(part) for part in error["loc"]) or "recipe"
+    if error["type"] == "extra_forbidden":
+        return f"{location}: unknown key{_suggestion(error['loc'])}"
+    if error["type"] == "missing":
+        return f"{location}: required"
+    message = error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{location}: {message}{shown}"
+
+
+def _suggestion(loc: tuple) -> str:
+    *parents, unknown = loc
+    schema: type[BaseModel] = Recipe
+    for part in parents:
+        annotation = schema.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        schema = annotation
+    close = [SYNONYMS[str(unknown)]] if SYNONYMS.get(str(unknown)) in schema.model_fields else []
+    close = close or difflib.get_close_matches(str(unknown), list(schema.model_fields), n=1, cutoff=0.5)
+    known = ", ".join(schema.model_fields)
+    return f"; did you mean {close[0]!r}?" if close else f"; known keys: {known}"
+
+
+def _resolve_paths(data: dict, base: Path) -> list[str]:
+    """Make local paths absolute (relative to the recipe file, in place) and report the missing ones."""
+    problems = []
+    for section, key, always in (("model", "id", True), ("data", "path", True), ("data", "eval_path", False)):
+        node = data.get(section)
+        value = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(value, str) or not (always or _looks_like_file(value)):
+            continue
+        resolved = _local_or_hub(value, base)
+        if resolved is None:
+            problems.append(f"{section}.{key}: {'folder' if section == 'model' else 'file'} not found: {value}")
+        else:
+            node[key] = resolved
+    return problems
+
+
+def _looks_like_file(value: str) -> bool:
+    return Path(value).suffix.lower() in {".jsonl", ".json", ".csv", ".parquet"}
+
+
+def _local_or_hub(value: str, base: Path) -> str | None:
+    """An existing path (relative to the recipe first) is local; './x', '/x' or 'x.jsonl' must exist; else a hub id."""
+    for candidate in (base / value, Path(value)):
+        if candidate.exists():
+            return str(candidate.resolve())
+    if value.startswith((".", "/", "~")) or _looks_like_file(value):
+        return None
+    return value
+
+
+def is_local(value: str) -> bool:
+    return Path(value).is_absolute()

@@ -1,0 +1,73 @@
+"""Stage `lora`: attach trainable low-rank adapters to the frozen base."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import PreTrainedModel
+
+from qlora_cli.errors import QloraError
+from qlora_cli.recipe import LoraSection
+
+log = logging.getLogger(__name__)
+
+
+def lora_config(section: LoraSection) -> LoraConfig:
+    return LoraConfig(
+        r=section.r,
+        lora_alpha=section.alpha,
+        lora_dropout=section.dropout,
+        target_modules=section.target_modules,
+        bias=section.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Short names of the linear layers LoRA can target (bitsandbytes' 4-bit layers subclass nn.Linear)."""
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    names.discard("lm_head")
+    return sorted(names)
+
+
+def attach_lora(model: PreTrainedModel, section: LoraSection, *, gradient_checkpointing: bool) -> PeftModel:
+    if getattr(model, "is_loaded_in_4bit", False):
+        # Freezes the base, upcasts norms and embeddings to fp32 for stable training, and makes the
+        # inputs require grad so checkpointed blocks still backpropagate into the adapters.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if isinstance(section.target_modules, list):
+        available = linear_module_names(model)
+        unmatched = [name for name in section.target_modules if name not in available]
+        if len(unmatched) == len(section.target_modules):
+            raise QloraError(
+                f"lora.target_modules: none of {section.target_modules} is a linear layer of this model; "
+                f"its linear layers are: {', '.join(available)} (or use 'all-linear')"
+            )
+        if unmatched:
+            log.warning("lora.target_modules: %s match no layer and are ignored", ", ".join(unmatched))
+    # Trained under peft's "default" slot so the export is a plain, flat peft folder; the adapter's own
+    # name lives in its directory name and qlora.json, and generate loads each under that name.
+    peft_model = get_peft_model(model, lora_config(section))
+    adapted = sum(1 for _, module in peft_model.named_modules() if hasattr(module, "lora_A") and "default" in module.lora_A)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    log.info(
+        "LoRA r=%d on %d modules: trainable %s of %s parameters (%.2f%%)",
+        section.r, adapted, human_count(trainable), human_count(total), 100 * trainable / total,
+    )
+    return peft_model
+
+
+def human_count(count: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f}{unit}"
+    return str(count)

@@ -1,0 +1,121 @@
+"""Stage `model`: find the base weights (safetensors only), fingerprint them, load them in 4-bit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from qlora_cli.errors import QloraError
+from qlora_cli.recipe import ModelSection, is_local
+
+log = logging.getLogger(__name__)
+
+CPU_RECIPE = "recipes/tiny-sql.yaml"
+# Only what loading needs: configs, tokenizer files and safetensors. Never pickled *.bin weights.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+
+
+def bnb_config(section: ModelSection) -> BitsAndBytesConfig | None:
+    if not section.load_in_4bit:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=section.quant_type,
+        bnb_4bit_use_double_quant=section.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, section.compute_dtype),
+        bnb_4bit_quant_storage=getattr(torch, section.quant_storage),
+    )
+
+
+def check_device(section: ModelSection) -> torch.device:
+    if section.device == "cuda" and not torch.cuda.is_available():
+        raise QloraError(
+            f"model.device: cuda, but torch sees no CUDA GPU (torch {torch.__version__}). "
+            f"Run on a GPU box, set --set model.device=cpu for a small model, or try the CPU demo: qlora train {CPU_RECIPE}"
+        )
+    if section.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_model_dir(section: ModelSection, *, weights: bool = True) -> Path:
+    """A local folder as is; a hub id downloaded (safetensors only) into the Hugging Face cache.
+    With weights=False only configs and tokenizer files are fetched (dry runs, plans)."""
+    if is_local(section.id):
+        folder = Path(section.id)
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            # The token comes from HF_TOKEN or `hf auth login`, never from the recipe.
+            patterns = HUB_PATTERNS if weights else [p for p in HUB_PATTERNS if p != "*.safetensors"]
+            folder = Path(snapshot_download(section.id, revision=section.revision, allow_patterns=patterns))
+        except Exception as error:  # network, auth and missing-repo errors all surface here
+            raise QloraError(f"model.id: cannot fetch {section.id!r} from the hub: {type(error).__name__}: {error}") from None
+    if not (folder / "config.json").is_file():
+        raise QloraError(f"model.id: {folder} has no config.json; is it a transformers model folder?")
+    if weights and not list(folder.glob("*.safetensors")):
+        pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        detail = f" (found pickle weights {', '.join(pickles)}: refused, they can run arbitrary code)" if pickles else ""
+        raise QloraError(f"model.id: no .safetensors weights in {folder}{detail}")
+    return folder
+
+
+def fingerprint_weights(model_dir: Path) -> str:
+    """A cheap identity for a set of weights: each shard's header (names, shapes, dtypes, offsets) plus
+    16 evenly spaced 64 KiB samples of its data. Same-shaped bases with different weights differ."""
+    digest = hashlib.sha256()
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        size = shard.stat().st_size
+        with shard.open("rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            digest.update(handle.read(header_len))
+            for index in range(16):
+                handle.seek(8 + header_len + (size - 8 - header_len) * index // 16)
+                digest.update(handle.read(65536))
+    return "sha256:" + digest.hexdigest()[:32]
+
+
+def load_tokenizer(model_dir: Path, section: ModelSection) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=section.trust_remote_code)
+    if tokenizer.eos_token is None:
+        raise QloraError(f"model.id: the tokenizer in {model_dir} has no EOS token, so generation could never stop")
+    if tokenizer.pad_token is None:
+        # Padding only fills batches: labels come from our own loss mask, never from pad ids, so pad = EOS
+        # cannot mask the EOS the model must learn (the classic 'generation never stops' bug).
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(section: ModelSection, model_dir: Path, *, device: torch.device) -> PreTrainedModel:
+    """The frozen base: 4-bit through bitsandbytes, or 16-bit when load_in_4bit is false."""
+    quantization = bnb_config(section)
+    log.info("loading %s %s", section.id, f"in 4-bit {section.quant_type}" if quantization else f"in {section.compute_dtype}")
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        quantization_config=quantization,
+        dtype=getattr(torch, section.compute_dtype),
+        device_map={"": device} if device.type == "cuda" else None,
+        attn_implementation=section.attn_implementation,
+        trust_remote_code=section.trust_remote_code,
+        use_safetensors=True,
+    )
+    model.config.use_cache = False
+    return model
+
+
+def base_model_record(section: ModelSection, model_dir: Path) -> dict:
+    """What an adapter records about its base, so generate and merge can refuse a different one."""
+    config = json.loads((model_dir / "config.json").read_text())
+    return {
+        "id": section.id,
+        "revision": section.revision,
+        "fingerprint": fingerprint_weights(model_dir),
+        "architecture": (config.get("architectures") or ["?"])[0],
+    }

@@ -1,0 +1,168 @@
+"""Stage `train`: the one orchestration, top to bottom. TRL's SFTTrainer owns the loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+from rich.console import Console
+from rich.text import Text
+from transformers import AutoConfig, AutoModelForCausalLM
+from trl import SFTConfig, SFTTrainer
+
+from qlora_cli import adapters
+from qlora_cli.data import IGNORE_INDEX, TrainingData, build_dataset
+from qlora_cli.errors import QloraError
+from qlora_cli.files import MARKER, atomic_directory, check_new_output, refuse_dangerous_output
+from qlora_cli.lora import attach_lora, human_count, lora_config
+from qlora_cli.model import base_model_record, check_device, load_model, load_tokenizer, resolve_model_dir
+from qlora_cli.recipe import Recipe
+
+log = logging.getLogger(__name__)
+console = Console()
+
+
+def sft_config(recipe: Recipe, *, use_cpu: bool) -> SFTConfig:
+    train = recipe.train
+    return SFTConfig(
+        output_dir=train.output_dir,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps or -1,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.lr,
+        lr_scheduler_type=train.scheduler,
+        warmup_steps=train.warmup_ratio,  # a float below 1 is read as a share of all steps
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim=train.optim,
+        # Checkpointing is already wired by attach_lora (non-reentrant, inputs requiring grad).
+        gradient_checkpointing=False,
+        seed=train.seed,
+        data_seed=train.seed,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        save_steps=train.save_steps,
+        save_total_limit=train.save_limit,
+        bf16=recipe.model.compute_dtype == "bfloat16" and not use_cpu,
+        fp16=recipe.model.compute_dtype == "float16" and not use_cpu,
+        use_cpu=use_cpu,
+        max_length=recipe.data.max_length,
+        report_to="none",
+        dataloader_num_workers=0,
+    )
+
+
+def run(recipe: Recipe, *, adapters_dir: str | None = None, force: bool = False, dry_run: bool = False) -> Path | None:
+    adapter_dir = adapters.adapter_path(recipe.lora.name, adapters_dir)
+    run_dir = Path(recipe.train.output_dir)
+    if not dry_run:
+        check_new_output(adapter_dir, "adapter", force=force)
+        check_new_output(run_dir, "train.output_dir", force=force)
+    device = check_device(recipe.model)
+    model_dir = resolve_model_dir(recipe.model, weights=not dry_run)
+    tokenizer = load_tokenizer(model_dir, recipe.model)
+    data = build_dataset(recipe.data, tokenizer)
+    log.info("data: %d training examples%s", len(data.train), f", {len(data.eval)} for evaluation" if data.eval else "")
+    if dry_run:
+        show_dry_run(recipe, model_dir, tokenizer, data)
+        return None
+
+    base_record = base_model_record(recipe.model, model_dir)
+    model = load_model(recipe.model, model_dir, device=device)
+    model = attach_lora(model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing)
+    _start_run_dir(run_dir, recipe, force=force)
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(recipe, use_cpu=device.type == "cpu"),
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+    )
+    result = trainer.train()
+    metrics = {
+        "train_loss": round(result.training_loss, 4),
+        "steps": result.global_step,
+        "examples": len(data.train),
+        "dropped_examples": data.dropped,
+        "train_seconds": round(result.metrics["train_runtime"], 1),
+    }
+    if data.eval is not None:
+        metrics["eval_loss"] = round(trainer.evaluate()["eval_loss"], 4)
+    if not all(math.isfinite(value) for value in (metrics["train_loss"], metrics.get("eval_loss", 0.0))):
+        raise QloraError(f"training diverged (loss {metrics['train_loss']}); no adapter written. Lower train.lr and retry")
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    export_adapter(trainer.model, tokenizer, recipe, base_record, metrics, adapter_dir, force=force)
+    log.info("adapter %r written to %s", recipe.lora.name, adapter_dir)
+    return adapter_dir
+
+
+def export_adapter(model, tokenizer, recipe: Recipe, base_record: dict, metrics: dict, dest: Path, *, force: bool) -> None:
+    """The self-describing adapter directory, visible only once complete."""
+    with atomic_directory(dest, force=force) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / "recipe.yaml").write_text(recipe.to_yaml())
+        adapters.write_metadata(
+            staging,
+            name=recipe.lora.name,
+            base=base_record,
+            template=recipe.data.template,
+            task=recipe.data.task,
+            lora={"r": recipe.lora.r, "alpha": recipe.lora.alpha, "target_modules": recipe.lora.target_modules},
+            data={"path": recipe.data.path, "examples": metrics["examples"]},
+            metrics=metrics,
+        )
+
+
+def _start_run_dir(run_dir: Path, recipe: Recipe, *, force: bool) -> None:
+    refuse_dangerous_output(run_dir, "train.output_dir")
+    if run_dir.exists() and force:
+        shutil.rmtree(run_dir)  # check_new_output allowed this only because qlora made it
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / MARKER).write_text(json.dumps({"kind": "run", "adapter": recipe.lora.name}) + "\n")
+    (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+
+
+def show_dry_run(recipe: Recipe, model_dir: Path, tokenizer, data: TrainingData) -> None:
+    """Everything worth checking before spending GPU hours, from config files alone."""
+    console.rule("resolved recipe")
+    console.print(recipe.to_yaml(), markup=False, highlight=False)
+    console.rule("first training example (dim: prompt, no loss; green: learned)")
+    example = data.train[0]
+    console.print(loss_mask_text(tokenizer, example["input_ids"], example["labels"]))
+    learned = sum(1 for label in example["labels"] if label != IGNORE_INDEX)
+    eos_learned = example["labels"][-1] == tokenizer.eos_token_id
+    console.print(
+        f"loss on {learned} of {len(example['input_ids'])} tokens; EOS ({tokenizer.eos_token}) "
+        f"{'is' if eos_learned else 'is NOT'} a label"
+    )
+    trainable, total = count_parameters(recipe, model_dir)
+    console.rule("adapter")
+    console.print(f"trainable {human_count(trainable)} of {human_count(total)} parameters ({100 * trainable / total:.2f}%)")
+    console.print(f"{len(data.train)} training examples, {data.dropped} dropped; dry run: nothing was trained or written")
+
+
+def loss_mask_text(tokenizer, input_ids: list[int], labels: list[int]) -> Text:
+    text = Text()
+    for token_id, label in zip(input_ids, labels):
+        piece = tokenizer.decode([token_id]) if token_id not in tokenizer.all_special_ids else tokenizer.convert_ids_to_tokens(token_id)
+        text.append(piece, style="dim" if label == IGNORE_INDEX else "bold green")
+    return text
+
+
+def count_parameters(recipe: Recipe, model_dir: Path) -> tuple[int, int]:
+    """Trainable and total parameter counts on an empty (meta-device) model: no weights loaded."""
+    from accelerate import init_empty_weights
+    from peft import get_peft_model
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=recipe.model.trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    peft_model = get_peft_model(model, lora_config(recipe.lora))
+    return peft_model.get_nb_trainable_parameters()
+

@@ -1,0 +1,65 @@
+"""Command `eval`: the base and adapters side by side on held-out rows, in one table.
+
+Two kinds of figure: teacher-forced loss and perplexity on the response tokens (what training
+optimised), and greedy exact match of the generated answer (what a user sees).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from qlora_cli.data import IGNORE_INDEX, check_rows, read_rows, tokenize_example
+from qlora_cli.generate import Sampling, Session, exact_match
+from qlora_cli.prompts import render_example
+
+
+def response_loss(session: Session, rows: list[dict], adapter: str, batch_size: int = 16) -> float:
+    """Mean cross-entropy per response token (EOS included), the loss training reports."""
+    template = session.templates.get(adapter, "alpaca")
+    examples = []
+    for row in rows:
+        rendered = render_example(row, template)
+        examples.append(tokenize_example(rendered["prompt"], rendered["completion"], session.tokenizer, 100_000))
+    total, count = 0.0, 0
+    model = session.model
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        width = max(len(e["input_ids"]) for e in chunk)
+        pad = session.tokenizer.pad_token_id
+        input_ids = torch.tensor([e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in chunk])
+        labels = torch.tensor([e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in chunk])
+        attention = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in chunk])
+        with torch.inference_mode(), session.using(adapter):
+            logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits.float()
+        shifted = labels[:, 1:].to(logits.device)
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total += losses.item()
+        count += int((shifted != IGNORE_INDEX).sum())
+    return total / count
+
+
+def run(session: Session, data_path: str, adapters: list[str], *, max_rows: int | None = None, out: Path | None = None) -> list[dict]:
+    rows = read_rows(data_path, split="test", max_rows=max_rows)
+    check_rows(rows, data_path)
+    results = []
+    for adapter in adapters:
+        loss = response_loss(session, rows, adapter)
+        accuracy, _ = exact_match(session, rows, adapter, Sampling(max_new_tokens=_answer_budget(session, rows)))
+        results.append(
+            {"adapter": adapter, "examples": len(rows), "loss": round(loss, 4), "perplexity": round(math.exp(loss), 3), "exact_match": round(accuracy, 4)}
+        )
+    if out is not None:
+        out.write_text(json.dumps({"data": data_path, "base": session.base_id, "results": results}, indent=2) + "\n")
+    return results
+
+
+def _answer_budget(session: Session, rows: list[dict]) -> int:
+    """Enough new tokens for the longest reference answer, plus slack to see run-on answers fail."""
+    longest = max(len(session.tokenizer(row["output"], add_special_tokens=False)["input_ids"]) for row in rows)
+    return longest + 8

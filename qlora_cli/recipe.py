@@ -126,6 +126,11 @@ class TrainSection(Section):
         "paged_adamw_32bit", description="Optimizer; paged variants spill optimizer state to CPU on memory spikes instead of OOM."
     )
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward: ~30% slower, far less memory.")
+    packing: bool = Field(
+        True, description="Pack examples into rows of max_length tokens, each attending only to itself: no compute spent on padding."
+    )
+    liger_kernel: bool = Field(True, description="Fused RMSNorm/RoPE/SwiGLU kernels from liger-kernel, on CUDA when it is installed.")
+    activation_offloading: bool = Field(False, description="Keep checkpointed activations in CPU memory: less GPU memory, some speed.")
     seed: int = Field(42, description="Seed for data order, dropout and adapter initialisation.")
     logging_steps: int = Field(10, gt=0, description="Log loss every N optimizer steps.")
     save_steps: int = Field(100, gt=0, description="Write a checkpoint every N optimizer steps.")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
 import shutil
 from pathlib import Path
 
+import datasets
 from rich.console import Console
 from rich.text import Text
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -52,6 +54,15 @@ def sft_config(recipe: Recipe, *, use_cpu: bool) -> SFTConfig:
         fp16=recipe.model.compute_dtype == "float16" and not use_cpu,
         use_cpu=use_cpu,
         max_length=recipe.data.max_length,
+        # Best-fit-decreasing packing implies padding-free batches: position ids restart at each example,
+        # which the attention mask builder turns into a block-diagonal mask (no cross-example attention).
+        packing=train.packing,
+        packing_strategy="bfd",
+        eval_packing=False,
+        use_liger_kernel=train.liger_kernel and not use_cpu and importlib.util.find_spec("liger_kernel") is not None,
+        activation_offloading=train.activation_offloading and not use_cpu,
+        # Our dataset arrives tokenized, truncated and labelled; the trainer only has to pack it.
+        dataset_kwargs={"skip_prepare_dataset": not train.packing},
         report_to="none",
         dataloader_num_workers=0,
     )
@@ -76,6 +87,7 @@ def run(recipe: Recipe, *, adapters_dir: str | None = None, force: bool = False,
     model = load_model(recipe.model, model_dir, device=device)
     model = attach_lora(model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing)
     _start_run_dir(run_dir, recipe, force=force)
+    datasets.disable_progress_bars()  # the trainer's packing pass is quick; our own tokenizing bar was shown
     trainer = SFTTrainer(
         model=model,
         args=sft_config(recipe, use_cpu=device.type == "cpu"),

@@ -1,0 +1,53 @@
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from qlora_cli.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def qlora(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The real console entry point, in a subprocess: exit codes and stderr as a user sees them."""
+    return subprocess.run([sys.executable, "-m", "qlora_cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_help_is_instant_and_imports_no_torch():
+    probe = "import sys, qlora_cli.cli; assert not {'torch', 'transformers', 'peft', 'trl'} & set(sys.modules), sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", probe], check=True)
+    started = time.perf_counter()
+    result = qlora("--help")
+    assert result.returncode == 0 and "train" in result.stdout
+    assert time.perf_counter() - started < 5
+
+
+def test_validate_ok():
+    result = runner.invoke(app, ["validate", str(REPO / "recipes" / "mistral7b-alpaca.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "OK" in result.output
+
+
+def test_bad_recipe_exits_1_naming_the_key_without_traceback(tmp_path):
+    recipe = yaml.safe_load((REPO / "recipes" / "tiny-sql.yaml").read_text())
+    recipe["lora"]["rank"] = 8
+    recipe["model"]["id"] = str(REPO / "recipes" / "tiny" / "base")
+    recipe["data"]["path"] = str(REPO / "recipes" / "tiny" / "sql" / "train.jsonl")
+    recipe["data"]["eval_path"] = None
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    for command in ("validate", "train"):
+        result = qlora(command, str(path), cwd=tmp_path)
+        assert result.returncode == 1
+        assert "lora.rank: unknown key; did you mean 'r'?" in result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
+    assert list(tmp_path.iterdir()) == [path]  # nothing written
+
+
+def test_missing_recipe_file(tmp_path):
+    result = qlora("train", "nope.yaml", cwd=tmp_path)
+    assert result.returncode == 1 and "recipe not found: nope.yaml" in result.stderr

@@ -1,0 +1,89 @@
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from qlora_cli.data import IGNORE_INDEX, build_dataset, check_rows, read_rows, tokenize_example
+from qlora_cli.errors import QloraError
+from qlora_cli.recipe import DataSection
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_base):
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    tok.pad_token = tok.eos_token  # the classic trap: pad = EOS must not stop EOS from being learned
+    return tok
+
+
+def rows_file(tmp_path, rows, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_eos_is_learned_even_when_pad_is_eos(tokenizer):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    short = tokenize_example("### Response:\n", "SELECT 1;", tokenizer, 256)
+    long = tokenize_example("### Instruction:\nHow many people are there?\n\n### Response:\n", "SELECT COUNT(*) FROM people;", tokenizer, 256)
+    for example in (short, long):
+        assert example["labels"][-1] == tokenizer.eos_token_id
+        learned = [label for label in example["labels"] if label != IGNORE_INDEX]
+        assert tokenizer.decode(learned[:-1]) == tokenizer.decode(tokenizer("SELECT 1;" if example is short else "SELECT COUNT(*) FROM people;", add_special_tokens=False)["input_ids"])
+    batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)([short, long])
+    for row, example in zip(batch["labels"], (short, long)):
+        assert row[len(example["labels"]) - 1] == tokenizer.eos_token_id
+        assert (row[len(example["labels"]) :] == IGNORE_INDEX).all()
+
+
+def test_prompt_tokens_carry_no_loss(tokenizer):
+    example = tokenize_example("### Response:\n", "SELECT 1;", tokenizer, 256)
+    prompt_length = len(tokenizer("### Response:\n")["input_ids"])
+    assert example["labels"][:prompt_length] == [IGNORE_INDEX] * prompt_length
+    assert all(label != IGNORE_INDEX for label in example["labels"][prompt_length:])
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n')
+    with pytest.raises(QloraError, match=r"d.jsonl: line 2: malformed JSON"):
+        read_rows(str(path))
+
+
+def test_non_utf8_names_the_byte_offset(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"instruction": "caf\xe9", "output": "b"}\n')
+    with pytest.raises(QloraError, match="byte 0xe9 at byte offset 19"):
+        read_rows(str(path))
+
+
+def test_empty_dataset_is_an_error(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n")
+    with pytest.raises(QloraError, match="has no rows"):
+        read_rows(str(path))
+
+
+def test_missing_field_names_the_row(tmp_path):
+    rows = [{"instruction": "a", "output": "b"}, {"instruction": "a", "output": "c"}, {"instruction": "a"}]
+    with pytest.raises(QloraError, match="row 3: missing or empty field"):
+        check_rows(rows, "d.jsonl")
+
+
+def test_other_file_formats_read_the_same_rows(tmp_path):
+    rows = [{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": "x", "output": "d"}]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    (tmp_path / "d.csv").write_text("instruction,input,output\na,,b\nc,x,d\n")
+    assert read_rows(str(tmp_path / "d.json")) == rows
+    csv_rows = read_rows(str(tmp_path / "d.csv"))
+    assert [(r["instruction"], r["output"]) for r in csv_rows] == [("a", "b"), ("c", "d")]
+
+
+def test_responses_cut_off_by_max_length_are_counted_then_dropped_or_fatal(tmp_path, tokenizer):
+    long_instruction = " ".join(["word"] * 80)
+    rows = [{"instruction": "short", "output": "SELECT 1;"}, {"instruction": long_instruction, "output": "SELECT 2;"}]
+    path = rows_file(tmp_path, rows)
+    data = build_dataset(DataSection(path=str(path), max_length=60), tokenizer)
+    assert (len(data.train), data.dropped) == (1, 1)
+    with pytest.raises(QloraError, match=r"1 of 2 training examples \(first: row 2\)"):
+        build_dataset(DataSection(path=str(path), max_length=60, truncated="fail"), tokenizer)

@@ -71,7 +71,8 @@ def train(
     recipe: str = RecipeArg,
     overrides: list[str] = SetOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the resolved recipe, one example with its loss mask and the parameter count; train nothing."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing adapter and run folder made by qlora."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing adapter and run folder made by qlora (with --resume: accept a changed recipe)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its newest complete checkpoint."),
     adapters_dir: Optional[str] = AdaptersDirOpt,
 ) -> None:
     """Fine-tune a LoRA adapter on a 4-bit base, as the recipe says."""
@@ -80,7 +81,42 @@ def train(
     loaded = load_recipe(recipe, overrides)
     from qlora_cli import train as train_stage
 
-    train_stage.run(loaded, adapters_dir=adapters_dir, force=force, dry_run=dry_run)
+    train_stage.run(loaded, adapters_dir=adapters_dir, force=force, resume=resume, dry_run=dry_run)
+
+
+@app.command()
+def doctor(recipe: Optional[str] = typer.Argument(None, help="Also check disk room for this recipe's model.")) -> None:
+    """Check Python, torch and CUDA, the GPU, bitsandbytes, disk and the hub, before downloading anything."""
+    from qlora_cli import doctor as doctor_stage
+    from qlora_cli.recipe import load_recipe
+
+    checks = doctor_stage.run(load_recipe(recipe) if recipe else None)
+    marks = {True: ("OK  ", "green"), None: ("WARN", "yellow"), False: ("FAIL", "red")}
+    for check in checks:
+        mark, color = marks[check.ok]
+        typer.echo(typer.style(mark, fg=color) + f" {check.name:<13} {check.detail}")
+    if any(check.ok is False for check in checks):
+        raise typer.Exit(1)
+
+
+@app.command()
+def plan(
+    recipe: str = RecipeArg,
+    overrides: list[str] = SetOpt,
+    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="GPU memory to fit in, GB (e.g. 24)."),
+    tokens_per_second: Optional[float] = typer.Option(None, "--tokens-per-second", help="Measured training throughput, for the epoch time."),
+    dataset_tokens: Optional[int] = typer.Option(None, "--dataset-tokens", help="Tokens in one epoch of the data, for the epoch time."),
+) -> None:
+    """Predict peak GPU memory and time per epoch from the model's config alone (no torch, no weights)."""
+    from rich.console import Console
+
+    from qlora_cli import plan as plan_stage
+    from qlora_cli.recipe import load_recipe
+
+    result = plan_stage.run(load_recipe(recipe, overrides), gpu_memory_gb=gpu_memory, tokens_per_second=tokens_per_second, dataset_tokens=dataset_tokens)
+    Console().print(plan_stage.render(result))
+    if result.fits is False:
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -154,6 +190,7 @@ def evaluate(
     data: str = typer.Option(..., "--data", help="Held-out rows: a .jsonl/.json/.csv/.parquet file or a hub dataset."),
     adapter: list[str] = typer.Option([], "--adapter", "-a", help="Adapter name or folder; repeat; 'none' is the base."),
     max_rows: Optional[int] = typer.Option(None, "--max-rows", min=1),
+    sql: bool = typer.Option(False, "--sql", help="Also run generated and reference SQL on an in-memory SQLite database and compare results."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the results as JSON too."),
     base: Optional[str] = typer.Option(None, "--base", help="Base model id or folder (default: the adapters' recorded base)."),
     adapters_dir: Optional[str] = AdaptersDirOpt,
@@ -169,12 +206,15 @@ def evaluate(
 
     session = open_session(adapter, base=base, home=adapters_dir)
     names = [name if name == "none" else Path(name).name for name in adapter]
-    results = evaluate_stage.run(session, data, names, max_rows=max_rows, out=out)
+    results = evaluate_stage.run(session, data, names, sql=sql, max_rows=max_rows, out=out)
     table = Table(title=f"{data} on {session.base_id}")
-    for column in ("adapter", "examples", "loss", "perplexity", "exact match"):
+    for column in ("adapter", "examples", "loss", "perplexity", "exact match", *(["execution match"] if sql else [])):
         table.add_column(column, justify="left" if column == "adapter" else "right")
     for result in results:
-        table.add_row(result["adapter"], str(result["examples"]), f"{result['loss']:.3f}", f"{result['perplexity']:.2f}", f"{100 * result['exact_match']:.1f}%")
+        cells = [result["adapter"], str(result["examples"]), f"{result['loss']:.3f}", f"{result['perplexity']:.2f}", f"{100 * result['exact_match']:.1f}%"]
+        if sql:
+            cells.append(f"{100 * result['execution_match']:.1f}%")
+        table.add_row(*cells)
     Console().print(table)
 
 
@@ -238,6 +278,6 @@ def main() -> None:
         from rich.text import Text
 
         _stderr().print(Text.assemble(("error: ", "bold red"), str(error)), highlight=False)
-        sys.exit(1)
+        sys.exit(getattr(error, "exit_code", 1))
     except KeyboardInterrupt:
         sys.exit(130)

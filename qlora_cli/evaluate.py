@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import re
+import sqlite3
 from pathlib import Path
 
 import torch
@@ -44,16 +47,62 @@ def response_loss(session: Session, rows: list[dict], adapter: str, batch_size: 
     return total / count
 
 
-def run(session: Session, data_path: str, adapters: list[str], *, max_rows: int | None = None, out: Path | None = None) -> list[dict]:
+SCHEMA = re.compile(r"table\s+(\w+)\s*\(([^)]*)\)", re.IGNORECASE)
+LITERAL = re.compile(r"'([^']*)'|\b(\d+(?:\.\d+)?)\b")
+
+
+def sql_execution_match(schema: str, reference: str, generated: str, seed: str = "") -> bool:
+    """Run both queries on an in-memory SQLite database built from the schema and compare results.
+
+    The tables are filled with rows that use the literals of both queries plus filler values, so a
+    WHERE clause selects something and a wrong literal or column shows up as a different result.
+    """
+    tables = SCHEMA.findall(schema)
+    if not tables:
+        return generated.strip() == reference.strip()
+    literals = [text or number for text, number in LITERAL.findall(reference + " " + generated)]
+    rng = random.Random(f"{seed}|{schema}")
+    database = sqlite3.connect(":memory:")
+    try:
+        for table, columns in tables:
+            names = [column.strip() for column in columns.split(",") if column.strip()]
+            database.execute(f"CREATE TABLE {table} ({', '.join(names)})")
+            pool = literals + ["alpha", "beta", "gamma", 3, 7, 12, 25, 40, 64, 99]
+            for _ in range(12):
+                row = [_typed(rng.choice(pool)) for _ in names]
+                database.execute(f"INSERT INTO {table} VALUES ({', '.join('?' * len(names))})", row)
+        expected = database.execute(reference).fetchall()
+        try:
+            got = database.execute(generated).fetchall()
+        except sqlite3.Error:
+            return False
+    finally:
+        database.close()
+    if "order by" in reference.lower():
+        return got == expected
+    return sorted(map(repr, got)) == sorted(map(repr, expected))
+
+
+def _typed(value):
+    if isinstance(value, str) and value.replace(".", "", 1).isdigit():
+        return float(value) if "." in value else int(value)
+    return value
+
+
+def run(
+    session: Session, data_path: str, adapters: list[str], *, sql: bool = False, max_rows: int | None = None, out: Path | None = None
+) -> list[dict]:
     rows = read_rows(data_path, split="test", max_rows=max_rows)
     check_rows(rows, data_path)
     results = []
     for adapter in adapters:
         loss = response_loss(session, rows, adapter)
-        accuracy, _ = exact_match(session, rows, adapter, Sampling(max_new_tokens=_answer_budget(session, rows)))
-        results.append(
-            {"adapter": adapter, "examples": len(rows), "loss": round(loss, 4), "perplexity": round(math.exp(loss), 3), "exact_match": round(accuracy, 4)}
-        )
+        accuracy, answers = exact_match(session, rows, adapter, Sampling(max_new_tokens=_answer_budget(session, rows)))
+        result = {"adapter": adapter, "examples": len(rows), "loss": round(loss, 4), "perplexity": round(math.exp(loss), 3), "exact_match": round(accuracy, 4)}
+        if sql:
+            matches = [sql_execution_match(row.get("input") or "", row["output"], answer, row["instruction"]) for row, answer in zip(rows, answers)]
+            result["execution_match"] = round(sum(matches) / len(rows), 4)
+        results.append(result)
     if out is not None:
         out.write_text(json.dumps({"data": data_path, "base": session.base_id, "results": results}, indent=2) + "\n")
     return results

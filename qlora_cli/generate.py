@@ -160,7 +160,7 @@ def open_session(
             model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
         templates[name] = metadata[ref].get("template", "alpaca")
     if mix:
-        _add_mix(model, mix, templates)
+        add_mix(model, mix, templates)
     log.info("loaded %s with adapters: %s", section.id, ", ".join(templates) or "none")
     return Session(model=model, tokenizer=tokenizer, base_id=section.id, templates=templates)
 
@@ -187,14 +187,14 @@ def _base_section(base: str | None, found: dict[str, Path], metadata: dict[str, 
     return ModelSection.model_validate(section_data)
 
 
-def _add_mix(model: PeftModel, mix: dict[str, float], templates: dict[str, str]) -> None:
+def add_mix(model: PeftModel, mix: dict[str, float], templates: dict[str, str], name: str = MIX) -> None:
     unknown = [name for name in mix if name not in templates]
     if unknown:
         raise QloraError(f"--mix names {unknown}, which are not loaded adapters")
     # 'cat' stacks the adapters' low-rank factors, so the mix's update is exactly sum(w_i * B_i A_i),
     # and it works across different ranks (peft's 'linear' needs equal ranks and mixes A and B separately).
-    model.add_weighted_adapter(list(mix), list(mix.values()), adapter_name=MIX, combination_type="cat")
-    templates[MIX] = templates[next(iter(mix))]
+    model.add_weighted_adapter(list(mix), list(mix.values()), adapter_name=name, combination_type="cat")
+    templates[name] = templates[next(iter(mix))]
 
 
 def exact_match(session: Session, rows: list[dict], adapter: str, sampling: Sampling = Sampling()) -> tuple[float, list[str]]:

@@ -32,6 +32,21 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
+def check_target_modules(model: torch.nn.Module, section: LoraSection) -> None:
+    """Fail when the adapter would attach to nothing; works on an empty (meta-device) model too."""
+    if not isinstance(section.target_modules, list):
+        return
+    available = linear_module_names(model)
+    unmatched = [name for name in section.target_modules if name not in available]
+    if len(unmatched) == len(section.target_modules):
+        raise QloraError(
+            f"lora.target_modules: none of {section.target_modules} is a linear layer of this model; "
+            f"its linear layers are: {', '.join(available)} (or use 'all-linear')"
+        )
+    if unmatched:
+        log.warning("lora.target_modules: %s match no layer and are ignored", ", ".join(unmatched))
+
+
 def attach_lora(model: PreTrainedModel, section: LoraSection, *, gradient_checkpointing: bool) -> PeftModel:
     if getattr(model, "is_loaded_in_4bit", False):
         # Freezes the base, upcasts norms and embeddings to fp32 for stable training, and makes the
@@ -44,16 +59,7 @@ def attach_lora(model: PreTrainedModel, section: LoraSection, *, gradient_checkp
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    if isinstance(section.target_modules, list):
-        available = linear_module_names(model)
-        unmatched = [name for name in section.target_modules if name not in available]
-        if len(unmatched) == len(section.target_modules):
-            raise QloraError(
-                f"lora.target_modules: none of {section.target_modules} is a linear layer of this model; "
-                f"its linear layers are: {', '.join(available)} (or use 'all-linear')"
-            )
-        if unmatched:
-            log.warning("lora.target_modules: %s match no layer and are ignored", ", ".join(unmatched))
+    check_target_modules(model, section)
     # Trained under peft's "default" slot so the export is a plain, flat peft folder; the adapter's own
     # name lives in its directory name and qlora.json, and generate loads each under that name.
     peft_model = get_peft_model(model, lora_config(section))

@@ -110,6 +110,16 @@ def load_model(section: ModelSection, model_dir: Path, *, device: torch.device) 
     return model
 
 
+def empty_model(section: ModelSection, model_dir: Path) -> PreTrainedModel:
+    """The model's modules on the meta device: shapes and names without loading a single weight."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=section.trust_remote_code)
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=section.trust_remote_code)
+
+
 def base_model_record(section: ModelSection, model_dir: Path) -> dict:
     """What an adapter records about its base, so generate and merge can refuse a different one."""
     config = json.loads((model_dir / "config.json").read_text())

@@ -7,20 +7,22 @@ import json
 import logging
 import math
 import shutil
+import signal
 from pathlib import Path
 
 import datasets
 from rich.console import Console
+import torch
 from rich.text import Text
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from qlora_cli import adapters
+from qlora_cli import adapters, checkpoints
 from qlora_cli.data import IGNORE_INDEX, TrainingData, build_dataset
 from qlora_cli.errors import QloraError
 from qlora_cli.files import MARKER, atomic_directory, check_new_output, refuse_dangerous_output
-from qlora_cli.lora import attach_lora, human_count, lora_config
-from qlora_cli.model import base_model_record, check_device, load_model, load_tokenizer, resolve_model_dir
+from qlora_cli.lora import attach_lora, check_target_modules, human_count, lora_config
+from qlora_cli.model import base_model_record, check_device, empty_model, load_model, load_tokenizer, resolve_model_dir
 from qlora_cli.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ def sft_config(recipe: Recipe, *, use_cpu: bool) -> SFTConfig:
         logging_steps=train.logging_steps,
         logging_first_step=True,
         save_steps=train.save_steps,
-        save_total_limit=train.save_limit,
+        save_total_limit=None,  # CheckpointingTrainer prunes, and only after a newer checkpoint is complete
         bf16=recipe.model.compute_dtype == "bfloat16" and not use_cpu,
         fp16=recipe.model.compute_dtype == "float16" and not use_cpu,
         use_cpu=use_cpu,
@@ -68,34 +70,121 @@ def sft_config(recipe: Recipe, *, use_cpu: bool) -> SFTConfig:
     )
 
 
-def run(recipe: Recipe, *, adapters_dir: str | None = None, force: bool = False, dry_run: bool = False) -> Path | None:
+class Stopped(QloraError):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; the CLI exits 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopOnSignal(TrainerCallback):
+    """Spot machines send SIGTERM 30 s to 2 min before they vanish: finish the step, save, stop."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def handle(self, signum: int, frame) -> None:
+        if self.signum is None:
+            log.warning("%s received: saving a checkpoint at the end of this step, then stopping", signal.Signals(signum).name)
+            self.signum = signum
+        else:
+            log.warning("%s received again: still saving the checkpoint; it stays atomic if you kill -9 now", signal.Signals(signum).name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signum is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class CheckpointingTrainer(SFTTrainer):
+    """SFTTrainer with atomic checkpoints and a loss that must stay finite.
+
+    Overriding two methods is the narrowest hook: a callback runs only after a checkpoint is already
+    written in place, and never sees the per-step loss.
+    """
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = Path(self.args.output_dir)
+        staged = checkpoints.staging_dir(run_dir) / f"checkpoint-{self.state.global_step}"
+        self.args.output_dir = str(staged.parent)  # the trainer derives the checkpoint folder from it
+        try:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()  # other ranks write their RNG states into the same folder
+            if self.args.should_save:
+                checkpoints.commit(staged, run_dir, keep=self.qlora_save_limit)
+        except OSError as error:
+            shutil.rmtree(staged, ignore_errors=True)
+            previous = checkpoints.latest_checkpoint(run_dir)
+            kept = f"; {previous.name} is intact" if previous else ""
+            raise QloraError(f"cannot write checkpoint-{self.state.global_step} in {run_dir}: {error.strerror or error}{kept}") from None
+        finally:
+            self.args.output_dir = str(run_dir)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            step = self.state.global_step + 1
+            last = checkpoints.latest_checkpoint(Path(self.args.output_dir))
+            kept = f"last good checkpoint: {last}" if last else "no checkpoint was saved yet"
+            raise QloraError(f"loss became {loss.item()} at step {step}; stopped without exporting an adapter ({kept}). Lower train.lr or check the data")
+        return loss
+
+
+def run(
+    recipe: Recipe, *, adapters_dir: str | None = None, force: bool = False, resume: bool = False, dry_run: bool = False
+) -> Path | None:
     adapter_dir = adapters.adapter_path(recipe.lora.name, adapters_dir)
     run_dir = Path(recipe.train.output_dir)
+    resume_from = None
     if not dry_run:
         check_new_output(adapter_dir, "adapter", force=force)
-        check_new_output(run_dir, "train.output_dir", force=force)
+        resume_from = _check_run_dir(run_dir, recipe, force=force, resume=resume)
     device = check_device(recipe.model)
     model_dir = resolve_model_dir(recipe.model, weights=not dry_run)
     tokenizer = load_tokenizer(model_dir, recipe.model)
     data = build_dataset(recipe.data, tokenizer)
     log.info("data: %d training examples%s", len(data.train), f", {len(data.eval)} for evaluation" if data.eval else "")
+    skeleton = empty_model(recipe.model, model_dir)
+    check_target_modules(skeleton, recipe.lora)  # before spending minutes loading weights
     if dry_run:
-        show_dry_run(recipe, model_dir, tokenizer, data)
+        show_dry_run(recipe, skeleton, tokenizer, data)
         return None
 
     base_record = base_model_record(recipe.model, model_dir)
     model = load_model(recipe.model, model_dir, device=device)
+    set_seed(recipe.train.seed)  # LoRA A is randomly initialised here, before the trainer seeds anything
     model = attach_lora(model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing)
-    _start_run_dir(run_dir, recipe, force=force)
+    if resume_from is None:
+        _start_run_dir(run_dir, recipe, force=force)
+    checkpoints.discard_staging(run_dir)  # a save cut off by a crash: never visible, now gone
     datasets.disable_progress_bars()  # the trainer's packing pass is quick; our own tokenizing bar was shown
-    trainer = SFTTrainer(
+    stopper = StopOnSignal()
+    trainer = CheckpointingTrainer(
         model=model,
         args=sft_config(recipe, use_cpu=device.type == "cpu"),
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
+        callbacks=[stopper],
     )
-    result = trainer.train()
+    trainer.qlora_save_limit = recipe.train.save_limit
+    if resume_from is not None:
+        log.info("resuming from %s", resume_from)
+    previous_handlers = {signum: signal.signal(signum, stopper.handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+    if stopper.signum is not None:
+        saved = checkpoints.latest_checkpoint(run_dir)
+        raise Stopped(
+            f"stopped by {signal.Signals(stopper.signum).name} at step {trainer.state.global_step}; checkpoint {saved}. "
+            f"Continue with: qlora train <recipe> --resume",
+            stopper.signum,
+        )
     metrics = {
         "train_loss": round(result.training_loss, 4),
         "steps": result.global_step,
@@ -108,9 +197,27 @@ def run(recipe: Recipe, *, adapters_dir: str | None = None, force: bool = False,
     if not all(math.isfinite(value) for value in (metrics["train_loss"], metrics.get("eval_loss", 0.0))):
         raise QloraError(f"training diverged (loss {metrics['train_loss']}); no adapter written. Lower train.lr and retry")
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    export_adapter(trainer.model, tokenizer, recipe, base_record, metrics, adapter_dir, force=force)
+    try:
+        export_adapter(trainer.model, tokenizer, recipe, base_record, metrics, adapter_dir, force=force)
+    except OSError as error:
+        raise QloraError(f"cannot write adapter {adapter_dir}: {error.strerror or error}; nothing was left behind") from None
     log.info("adapter %r written to %s", recipe.lora.name, adapter_dir)
     return adapter_dir
+
+
+def _check_run_dir(run_dir: Path, recipe: Recipe, *, force: bool, resume: bool) -> Path | None:
+    """Before any work: the checkpoint to resume from, or None for a fresh run (refusing to clobber one)."""
+    if resume:
+        return checkpoints.check_resumable(run_dir, recipe.model_dump(mode="json"), force=force)
+    if run_dir.exists() and not force:
+        last = checkpoints.latest_checkpoint(run_dir)
+        if last is not None and not (run_dir / "metrics.json").exists():
+            raise QloraError(
+                f"train.output_dir: {run_dir} holds an interrupted run (last complete checkpoint: {last.name}); "
+                "continue it with --resume, or start over with --force"
+            )
+    check_new_output(run_dir, "train.output_dir", force=force)
+    return None
 
 
 def export_adapter(model, tokenizer, recipe: Recipe, base_record: dict, metrics: dict, dest: Path, *, force: bool) -> None:
@@ -140,7 +247,7 @@ def _start_run_dir(run_dir: Path, recipe: Recipe, *, force: bool) -> None:
     (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
 
 
-def show_dry_run(recipe: Recipe, model_dir: Path, tokenizer, data: TrainingData) -> None:
+def show_dry_run(recipe: Recipe, skeleton, tokenizer, data: TrainingData) -> None:
     """Everything worth checking before spending GPU hours, from config files alone."""
     console.rule("resolved recipe")
     console.print(recipe.to_yaml(), markup=False, highlight=False)
@@ -153,7 +260,9 @@ def show_dry_run(recipe: Recipe, model_dir: Path, tokenizer, data: TrainingData)
         f"loss on {learned} of {len(example['input_ids'])} tokens; EOS ({tokenizer.eos_token}) "
         f"{'is' if eos_learned else 'is NOT'} a label"
     )
-    trainable, total = count_parameters(recipe, model_dir)
+    from peft import get_peft_model
+
+    trainable, total = get_peft_model(skeleton, lora_config(recipe.lora)).get_nb_trainable_parameters()
     console.rule("adapter")
     console.print(f"trainable {human_count(trainable)} of {human_count(total)} parameters ({100 * trainable / total:.2f}%)")
     console.print(f"{len(data.train)} training examples, {data.dropped} dropped; dry run: nothing was trained or written")
@@ -165,16 +274,3 @@ def loss_mask_text(tokenizer, input_ids: list[int], labels: list[int]) -> Text:
         piece = tokenizer.decode([token_id]) if token_id not in tokenizer.all_special_ids else tokenizer.convert_ids_to_tokens(token_id)
         text.append(piece, style="dim" if label == IGNORE_INDEX else "bold green")
     return text
-
-
-def count_parameters(recipe: Recipe, model_dir: Path) -> tuple[int, int]:
-    """Trainable and total parameter counts on an empty (meta-device) model: no weights loaded."""
-    from accelerate import init_empty_weights
-    from peft import get_peft_model
-
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=recipe.model.trust_remote_code)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-    peft_model = get_peft_model(model, lora_config(recipe.lora))
-    return peft_model.get_nb_trainable_parameters()
-

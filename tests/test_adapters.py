@@ -1,0 +1,101 @@
+"""Many adapters on one base: trained once per session on the shipped tiny base, then switched, mixed, compared."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import TINY, read_jsonl
+from qlora_cli.cli import main
+from qlora_cli.errors import QloraError
+from qlora_cli.generate import BASE, Sampling, add_mix, exact_match, open_session
+
+pytestmark = pytest.mark.pipeline
+SQL = read_jsonl(TINY / "sql" / "test.jsonl")[:40]
+JSON = read_jsonl(TINY / "json" / "test.jsonl")[:40]
+
+
+@pytest.fixture(scope="module")
+def session(trained_adapters):
+    return open_session(["sql", "json"], home=str(trained_adapters))
+
+
+def run_cli(argv, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["qlora", *argv])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    captured = capsys.readouterr()
+    return exited.value.code, captured.out, captured.err
+
+
+def test_each_adapter_answers_its_own_task_from_one_process(session):
+    sql_on_sql, _ = exact_match(session, SQL, "sql")
+    json_on_json, _ = exact_match(session, JSON, "json")
+    base_on_sql, _ = exact_match(session, SQL, BASE)
+    json_on_sql, answers = exact_match(session, SQL, "json")
+    assert sql_on_sql >= 0.9 and json_on_json >= 0.9
+    assert base_on_sql <= 0.05 and json_on_sql <= 0.05
+    assert sum(answer.startswith("{") for answer in answers) >= 0.8 * len(answers)  # the json adapter stays itself
+
+
+def test_mix_moves_the_output_toward_the_heavier_adapter(session):
+    def share_of_sql(weights: dict, name: str) -> float:
+        add_mix(session.model, weights, session.templates, name=name)
+        answers = session.ask(SQL[:20], name, Sampling(max_new_tokens=24))
+        return sum(answer.startswith("SELECT") for answer in answers) / len(answers)
+
+    mostly_sql = share_of_sql({"sql": 0.9, "json": 0.1}, "mostly-sql")
+    mostly_json = share_of_sql({"sql": 0.1, "json": 0.9}, "mostly-json")
+    assert mostly_sql > mostly_json
+    assert mostly_sql >= 0.8 and mostly_json <= 0.2
+
+
+def test_an_adapter_on_a_different_base_is_refused(trained_adapters, tmp_path):
+    import shutil
+
+    moved = tmp_path / "sql"
+    shutil.copytree(trained_adapters / "sql", moved)
+    meta = json.loads((moved / "qlora.json").read_text())
+    meta["base"]["fingerprint"] = "sha256:" + "0" * 32
+    (moved / "qlora.json").write_text(json.dumps(meta))
+    with pytest.raises(QloraError, match=r"adapter '.*sql' was trained on .*sha256:0000.*but the base being loaded is"):
+        open_session([str(moved)])
+    assert open_session([str(moved)], allow_base_mismatch=True).names == [BASE, "sql"]
+
+
+def test_plain_peft_loads_the_adapter_with_no_qlora_code(trained_adapters, session):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(TINY / "base", dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, trained_adapters / "sql")
+    tokenizer = AutoTokenizer.from_pretrained(trained_adapters / "sql")
+    prompt = session.prompt(SQL[0], "sql")
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    output = model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+    assert tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip() == SQL[0]["output"]
+
+
+def test_batch_mode_routes_each_row_to_its_adapter(trained_adapters, tmp_path, capsys, monkeypatch):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{**SQL[0], "adapter": "sql"}, {**JSON[0], "adapter": "json"}]
+    prompts.write_text("".join(json.dumps({k: row[k] for k in ("instruction", "input", "adapter")}) + "\n" for row in rows))
+    out = tmp_path / "answers.jsonl"
+    code, _, err = run_cli(["generate", "-a", "sql", "-a", "json", "--prompts", str(prompts), "--out", str(out), "--adapters-dir", str(trained_adapters)], capsys, monkeypatch)
+    assert code == 0, err
+    answers = read_jsonl(out)
+    assert [(a["adapter"], a["output"]) for a in answers] == [("sql", SQL[0]["output"]), ("json", JSON[0]["output"])]
+
+
+def test_compare_prints_base_and_adapter(trained_adapters, capsys, monkeypatch):
+    code, out, err = run_cli(["generate", "--compare", "-a", "sql", SQL[1]["instruction"], "--input", SQL[1]["input"], "--adapters-dir", str(trained_adapters)], capsys, monkeypatch)
+    assert code == 0, err
+    assert "── none ──" in out and "── sql ──" in out and SQL[1]["output"] in out
+
+
+def test_adapters_list_and_show(trained_adapters, capsys, monkeypatch):
+    code, out, _ = run_cli(["adapters", "list", "--adapters-dir", str(trained_adapters)], capsys, monkeypatch)
+    assert code == 0 and "sql" in out and "json" in out and "all-linear" in out
+    code, out, _ = run_cli(["adapters", "show", "sql", "--adapters-dir", str(trained_adapters)], capsys, monkeypatch)
+    assert code == 0 and '"fingerprint": "sha256:' in out and "# recipe.yaml" in out

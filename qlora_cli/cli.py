@@ -185,6 +185,34 @@ def _generate_batch(session, rows: list[dict], targets: list[str], sampling, out
         log.info("%d answers written to %s", len(results), out)
 
 
+@app.command()
+def merge(
+    adapter: str = typer.Option(..., "--adapter", "-a", help="Adapter name or folder to merge."),
+    out: Path = typer.Option(..., "--out", help="Folder for the standalone merged model (must not exist unless --force)."),
+    source: str = typer.Option("nf4", "--from", help="'nf4': merge into the dequantized 4-bit weights the adapter was trained on; 'original': into the 16-bit weights."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype: bfloat16, float16 or float32 (default: the recipe's compute dtype)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model id or folder (default: the one the adapter recorded)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing merged model made by qlora."),
+    allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="Merge into a base whose weights differ from the recorded one."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare the merged model's logits with base+adapter before finishing."),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Largest logit difference allowed, relative to the largest logit (default by dtype)."),
+    adapters_dir: Optional[str] = AdaptersDirOpt,
+) -> None:
+    """Merge an adapter into its base: one standalone model, streamed shard by shard, verified."""
+    if source not in ("nf4", "original"):
+        raise QloraError(f"--from {source!r}: use nf4 or original")
+    from qlora_cli import merge as merge_stage
+
+    summary = merge_stage.run(
+        adapter, out, source=source, dtype=dtype, base=base, home=adapters_dir, force=force,
+        allow_base_mismatch=allow_base_mismatch, verify=verify, tolerance=tolerance,
+    )
+    verified = "not verified" if summary["max_logit_diff"] is None else (
+        f"largest logit difference {summary['max_logit_diff']:.2e} ({100 * summary['relative_logit_diff']:.2f}% of the largest logit)"
+    )
+    typer.echo(f"merged {adapter} into {summary['merged']} ({summary['source']} base, {summary['dtype']}, {summary['shards']} shard(s)); {verified}")
+
+
 @app.command(name="eval")
 def evaluate(
     data: str = typer.Option(..., "--data", help="Held-out rows: a .jsonl/.json/.csv/.parquet file or a hub dataset."),

@@ -99,3 +99,18 @@ def test_adapters_list_and_show(trained_adapters, capsys, monkeypatch):
     assert code == 0 and "sql" in out and "json" in out and "all-linear" in out
     code, out, _ = run_cli(["adapters", "show", "sql", "--adapters-dir", str(trained_adapters)], capsys, monkeypatch)
     assert code == 0 and '"fingerprint": "sha256:' in out and "# recipe.yaml" in out
+
+
+def test_merged_model_scores_what_the_adapter_scores(trained_adapters, session, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from qlora_cli import merge
+
+    summary = merge.run("sql", tmp_path / "merged", home=str(trained_adapters))
+    assert summary["source"] == "nf4" and summary["relative_logit_diff"] <= 1e-3
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # plain transformers: no lock-in
+    adapter_score, adapter_answers = exact_match(session, SQL, "sql")
+    merged_session = type(session)(model=merged, tokenizer=session.tokenizer, base_id="merged", templates={"sql": "alpaca"})
+    merged_score, merged_answers = exact_match(merged_session, SQL, "sql")
+    assert merged_score == adapter_score
+    assert sum(a == b for a, b in zip(adapter_answers, merged_answers)) >= len(SQL) - 1

@@ -53,7 +53,7 @@ def test_malformed_jsonl_names_the_line(tmp_path):
 def test_non_utf8_names_the_byte_offset(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(b'{"instruction": "caf\xe9", "output": "b"}\n')
-    with pytest.raises(QloraError, match="byte 0xe9 at byte offset 19"):
+    with pytest.raises(QloraError, match="byte 0xe9 at byte offset 20"):
         read_rows(str(path))
 
 

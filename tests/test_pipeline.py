@@ -11,8 +11,9 @@ from conftest import write_recipe
 from qlora_cli import train
 from qlora_cli.data import IGNORE_INDEX, build_dataset
 from qlora_cli.errors import QloraError
-from qlora_cli.lora import attach_lora
+from qlora_cli.lora import attach_lora, human_count
 from qlora_cli.model import check_device, load_model, load_tokenizer, resolve_model_dir
+from qlora_cli.plan import lora_parameters
 from qlora_cli.recipe import load_recipe
 
 pytestmark = pytest.mark.pipeline
@@ -42,7 +43,9 @@ def test_dry_run_shows_mask_and_counts_and_writes_nothing(tmp_path, tiny_base, c
     shown = capsys.readouterr().out
     assert "resolved recipe" in shown and "name: tiny" in shown
     assert "EOS (</s>) is a label" in shown
-    assert "trainable 262.1K of" in shown
+    config = json.loads((tiny_base / "config.json").read_text())
+    expected = lora_parameters(config, recipe.lora.r, recipe.lora.target_modules)  # the planner's arithmetic
+    assert f"trainable {human_count(expected)} of" in shown
     assert not (tmp_path / "adapters").exists() and not (tmp_path / "runs").exists()
 
 

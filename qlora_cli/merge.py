@@ -1,0 +1,490 @@
+"""Command `merge`: fold an adapter into its base and write a standalone 16-bit model, shard by shard.
+
+Two choices of base weights to merge into:
+
+- `nf4` (default): the 4-bit weights the adapter was trained on, dequantized. Each linear weight
+  that bitsandbytes quantizes at load goes through the same quantize -> dequantize round trip
+  (block size, double quantization and data type asked of transformers' own quantizer), so the
+  merged model computes what base+adapter computed in training. Merging into the pristine 16-bit
+  weights instead adds the quantization error the adapter never saw (peft #2105, unsloth-zoo #810).
+- `original`: the 16-bit weights as published, for adapters trained on a 16-bit base.
+
+Memory: shards are merged one after the other, and inside a shard one tensor at a time is read,
+merged and written, so the merge needs the adapter plus the largest tensor and its fp32 temporaries,
+never the whole model, nor even a whole shard. Verification loads the reference (base+adapter) and
+then the merged model, one after the other, so it needs one whole model's memory: it lies outside
+that bound, and `verify=False` skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from qlora_cli import adapters
+from qlora_cli.errors import QloraError
+from qlora_cli.files import atomic_directory, check_new_output
+from qlora_cli.model import base_model_record, check_device, load_model, resolve_model_dir
+from qlora_cli.prompts import render_prompt
+from qlora_cli.recipe import ModelSection
+
+log = logging.getLogger(__name__)
+
+Source = Literal["nf4", "original"]
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+INDEX = "model.safetensors.index.json"
+SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16, "I32": torch.int32,
+    "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F32": torch.float32, "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+SAFETENSORS_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+PEFT_PREFIX = "base_model.model."  # peft's PeftModelForCausalLM wraps the transformers model twice
+# Largest logit difference allowed, relative to the largest reference logit. bf16 keeps 8 significant
+# bits (relative rounding 2^-9 = 0.2%) and every layer rounds the merged weights and its activations,
+# so a correct bf16 merge drifts from base+adapter with depth: measured 1% on 4 random layers, 2.8% on
+# 16. 10% leaves room for deeper models and still catches the mistakes that matter, which miss by far
+# more (the nf4 and original merges of that 16-layer model differ by 57%; on 4 layers, a dropped
+# adapter misses by 63%, merging into the wrong weights by 21%).
+# fp16 keeps 11 bits, so 8x less drift; fp32 reproduces the 4-bit model to ~1e-6.
+DEFAULT_TOLERANCE = {torch.bfloat16: 0.1, torch.float16: 0.02, torch.float32: 1e-3}
+VERIFY_INSTRUCTIONS = [
+    "Give three tips for staying healthy.",
+    "Translate the sentence 'the cat sleeps on the mat' into French.",
+    "Write a SQL query that counts the rows of the table users.",
+]
+# peft initialisations that rewrite the base weights themselves: merging into the published base
+# would be wrong unless the adapter was first converted back, which plain LoRA checkpoints never need.
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+@dataclass(frozen=True)
+class LoraUpdate:
+    """W += scaling * B @ A for one base weight; A and B are keys of the adapter's safetensors."""
+
+    a_key: str
+    b_key: str
+    scaling: float
+
+
+@dataclass(frozen=True)
+class Nf4Spec:
+    """How bitsandbytes quantizes one weight at 4-bit load."""
+
+    quant_type: str
+    blocksize: int
+    double_quant: bool
+
+
+def run(
+    adapter: str,
+    out: Path,
+    *,
+    source: Source = "nf4",
+    dtype: str | None = None,
+    base: str | None = None,
+    home: str | None = None,
+    force: bool = False,
+    allow_base_mismatch: bool = False,
+    verify: bool = True,
+    tolerance: float | None = None,
+) -> dict:
+    """Merge `adapter` into its base and write the result to `out`; return a summary.
+
+    `tolerance` bounds the largest logit difference against base+adapter, relative to the largest
+    reference logit; None picks the default for the dtype compared (DEFAULT_TOLERANCE)."""
+    started = time.monotonic()
+    out = Path(out)
+    adapter_dir = adapters.find_adapter(adapter, home)
+    check_new_output(out, "merge output", force=force)
+    metadata = adapters.read_metadata(adapter_dir)
+    section = base_section(adapter_dir, base)
+    if source not in ("nf4", "original"):
+        raise QloraError(f"--source {source!r}: use nf4 (the 4-bit weights the adapter trained on) or original")
+    if source == "nf4" and not section.load_in_4bit:
+        raise QloraError(
+            f"adapter {adapter_dir.name!r} was trained on a 16-bit base (model.load_in_4bit: false), so there is no "
+            "4-bit round trip to reproduce; merge with --source original"
+        )
+    out_dtype = parse_dtype(dtype or section.compute_dtype)
+    model_dir = resolve_model_dir(section)
+    base_record = base_model_record(section, model_dir)
+    check_base_fingerprint(metadata, base_record, allow_base_mismatch=allow_base_mismatch)
+    base_config = json.loads((model_dir / "config.json").read_text())
+    if base_config.get("quantization_config"):
+        raise QloraError(f"base {section.id} is stored already quantized; merging needs its 16-bit weights (a non-quantized checkpoint)")
+
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    check_supported(adapter_config, adapter_dir.name)
+    adapter_weights = load_file(adapter_dir / "adapter_model.safetensors")
+    shards = shard_files(model_dir)
+    base_keys = {key for shard in shards for key in read_header(model_dir / shard)[0]}
+    updates = plan_lora_updates(adapter_weights, adapter_config, base_keys, adapter_dir.name)
+    nf4_specs = nf4_weight_specs(model_dir, section, base_keys) if source == "nf4" else {}
+    compute_dtype = DTYPES[section.compute_dtype]
+    log.info(
+        "merging %d LoRA updates of %s into %s (%s weights, %d shards) as %s",
+        len(updates), adapter_dir.name, section.id, source, len(shards), dtype_name(out_dtype),
+    )
+
+    with atomic_directory(out, force=force) as staging:
+        sizes = {}
+        for number, shard in enumerate(shards, start=1):
+            sizes[shard] = merge_shard(
+                model_dir / shard, staging / shard, adapter_weights, updates, nf4_specs,
+                compute_dtype=compute_dtype, out_dtype=out_dtype,
+            )
+            log.info("shard %d/%d %s written (%.1f MiB)", number, len(shards), shard, sizes[shard] / 2**20)
+        del adapter_weights
+        write_model_files(model_dir, adapter_dir, staging, section, base_config, out_dtype, sizes)
+        check = verify_merge(staging, adapter_dir, model_dir, section, source, out_dtype, metadata, tolerance) if verify else {}
+        adapters.write_metadata(
+            staging,
+            kind="merged",
+            name=out.name,
+            source=source,
+            adapter=metadata.get("name", adapter_dir.name),
+            base=base_record,
+            dtype=dtype_name(out_dtype),
+            lora_updates=len(updates),
+            **check,
+        )
+    summary = {
+        "merged": str(out),
+        "source": source,
+        "dtype": dtype_name(out_dtype),
+        "shards": len(shards),
+        "lora_updates": len(updates),
+        "max_logit_diff": check.get("max_logit_diff"),
+        "relative_logit_diff": check.get("relative_logit_diff"),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    log.info("merged model written to %s", out)
+    return summary
+
+
+def base_section(adapter_dir: Path, base: str | None) -> ModelSection:
+    """The adapter's model section (from its recipe.yaml), with `base` overriding the id."""
+    recipe_path = adapter_dir / "recipe.yaml"
+    section_data = dict((yaml.safe_load(recipe_path.read_text()) or {}).get("model") or {}) if recipe_path.is_file() else {}
+    if not section_data:
+        section_data = {"id": json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]}
+    if base:
+        section_data["id"] = base
+    section_data["id"] = str(Path(section_data["id"]).resolve()) if Path(section_data["id"]).exists() else section_data["id"]
+    return ModelSection.model_validate(section_data)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise QloraError(f"--dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_base_fingerprint(metadata: dict, base_record: dict, *, allow_base_mismatch: bool) -> None:
+    recorded = metadata.get("base", {}).get("fingerprint")
+    if recorded and recorded != base_record["fingerprint"] and not allow_base_mismatch:
+        raise QloraError(
+            f"adapter {metadata.get('name')!r} was trained on {metadata['base'].get('id')} ({recorded}), but the base "
+            f"to merge into is {base_record['id']} ({base_record['fingerprint']}); "
+            "pass --allow-base-mismatch if you know they are the same model"
+        )
+
+
+def check_supported(adapter_config: dict, name: str) -> None:
+    """Refuse adapters whose update is not W += scaling * B @ A on plain linear weights."""
+    problems = []
+    if adapter_config.get("peft_type") != "LORA":
+        problems.append(f"peft_type {adapter_config.get('peft_type')} (only LoRA merges)")
+    if adapter_config.get("use_dora"):
+        problems.append("DoRA (use_dora: true rescales each weight column by a learned magnitude)")
+    if adapter_config.get("lora_bias"):
+        problems.append("lora_bias: true")
+    if adapter_config.get("fan_in_fan_out"):
+        problems.append("fan_in_fan_out: true (Conv1D layers, as in GPT-2)")
+    if adapter_config.get("target_parameters"):
+        problems.append("target_parameters (LoRA on raw parameters, as in fused MoE experts)")
+    init = adapter_config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+        problems.append(f"init_lora_weights: {init} (it rewrote the base weights during training)")
+    if problems:
+        raise QloraError(f"adapter {name!r} cannot be merged shard by shard: {'; '.join(problems)}; use it unmerged with qlora generate")
+
+
+def plan_lora_updates(adapter_weights: dict[str, torch.Tensor], adapter_config: dict, base_keys: set[str], name: str) -> dict[str, LoraUpdate]:
+    """Map each LoRA pair of the adapter to the base weight it updates, with its scaling.
+
+    `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` updates `model.layers.0.self_attn.q_proj.weight`.
+    The scaling follows peft: alpha / r, or alpha / sqrt(r) with rsLoRA; rank_pattern and alpha_pattern
+    override r and alpha per module, matched the way peft matches them."""
+    from peft.utils.other import get_pattern_key
+
+    rank_pattern = adapter_config.get("rank_pattern") or {}
+    alpha_pattern = adapter_config.get("alpha_pattern") or {}
+    updates = {}
+    for key in adapter_weights:
+        module, dot, kind = key.removeprefix(PEFT_PREFIX).rpartition(".lora_A.")
+        if not dot:
+            if ".lora_B." not in key:
+                raise QloraError(f"adapter {name!r}: tensor {key} is not a LoRA factor (lora_A/lora_B); only LoRA updates can be merged")
+            continue
+        if kind != "weight":
+            raise QloraError(f"adapter {name!r}: unexpected LoRA tensor {key}")
+        b_key = key.replace(".lora_A.", ".lora_B.")
+        if b_key not in adapter_weights:
+            raise QloraError(f"adapter {name!r}: {key} has no matching {b_key}; the adapter file is incomplete")
+        target = f"{module}.weight"
+        if target not in base_keys:
+            raise QloraError(f"adapter {name!r}: {key} updates {target}, which the base does not have; is this the right base model?")
+        r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), adapter_config["r"])
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), adapter_config["lora_alpha"])
+        updates[target] = LoraUpdate(key, b_key, alpha / math.sqrt(r) if adapter_config.get("use_rslora") else alpha / r)
+    pairs_b = sum(".lora_B." in key for key in adapter_weights)
+    if pairs_b != len(updates):
+        raise QloraError(f"adapter {name!r}: {pairs_b} lora_B tensors but {len(updates)} lora_A; the adapter file is incomplete")
+    return updates
+
+
+def nf4_weight_specs(model_dir: Path, section: ModelSection, base_keys: set[str]) -> dict[str, Nf4Spec]:
+    """The weights a 4-bit load quantizes, and how: transformers' own quantizer decides, asked on an
+    empty (meta-device) model, so skipped modules (lm_head, tied or fp32-kept ones) stay exact."""
+    import bitsandbytes as bnb
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations import replace_with_bnb_linear
+    from transformers.quantizers.base import HfQuantizer
+
+    from qlora_cli.model import bnb_config
+
+    quantization = bnb_config(section)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=section.trust_remote_code)
+    with torch.device("meta"):
+        empty = AutoModelForCausalLM.from_config(config, trust_remote_code=section.trust_remote_code)
+    skipped = HfQuantizer.get_modules_to_not_convert(empty, quantization.llm_int8_skip_modules, empty._keep_in_fp32_modules)
+    empty = replace_with_bnb_linear(empty, modules_to_not_convert=skipped, quantization_config=quantization)
+    specs = {
+        f"{name}.weight": Nf4Spec(module.weight.quant_type, module.weight.blocksize, module.weight.compress_statistics)
+        for name, module in empty.named_modules()
+        if isinstance(module, bnb.nn.Linear4bit)
+    }
+    renamed = sorted(set(specs) - base_keys)
+    if renamed:
+        raise QloraError(
+            f"base {section.id}: its checkpoint names {len(renamed)} quantized weights differently from the model "
+            f"(e.g. {renamed[0]}), so the 4-bit round trip cannot be reproduced shard by shard; merge with --source original"
+        )
+    return specs
+
+
+def shard_files(model_dir: Path) -> list[str]:
+    """The base's safetensors files in index order (one file when the base is not sharded)."""
+    index = model_dir / INDEX
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if len(files) != 1:
+        raise QloraError(f"base {model_dir}: {len(files)} safetensors files but no {INDEX} saying how they fit together")
+    return files
+
+
+def read_header(path: Path) -> tuple[dict[str, dict], int]:
+    """A safetensors file's tensor entries ({dtype, shape, data_offsets}) and where its data begins."""
+    with path.open("rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def round_trip_4bit(weight: torch.Tensor, spec: Nf4Spec) -> torch.Tensor:
+    """The weight as the 4-bit model sees it: quantized, then dequantized, in `weight`'s dtype."""
+    import bitsandbytes.functional as bnb_functional
+
+    packed, state = bnb_functional.quantize_4bit(
+        weight.contiguous(), blocksize=spec.blocksize, compress_statistics=spec.double_quant, quant_type=spec.quant_type
+    )
+    return bnb_functional.dequantize_4bit(packed, state)
+
+
+def merged_weight(
+    weight: torch.Tensor,
+    *,
+    lora: tuple[torch.Tensor, torch.Tensor, float] | None,
+    nf4: Nf4Spec | None,
+    compute_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """One base tensor as the merged model stores it; `lora` is (A, B, scaling)."""
+    if not weight.is_floating_point():
+        return weight
+    if nf4 is not None:
+        # The 4-bit loader casts the checkpoint to the compute dtype before quantizing it.
+        weight = round_trip_4bit(weight.to(compute_dtype), nf4)
+    if lora is not None:
+        lora_a, lora_b, scaling = lora
+        # In fp32 and in place: W + scaling * B @ A without a second full-size temporary.
+        weight = weight.float().addmm_(lora_b.float(), lora_a.float(), alpha=scaling)
+    return weight.to(out_dtype).contiguous()
+
+
+def merge_shard(
+    source: Path,
+    dest: Path,
+    adapter_weights: dict[str, torch.Tensor],
+    updates: dict[str, LoraUpdate],
+    nf4_specs: dict[str, Nf4Spec],
+    *,
+    compute_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> int:
+    """Merge one shard into `dest`, one tensor at a time; return the bytes of tensor data written.
+
+    safetensors.torch.save_file needs the whole shard in memory and copies it once more to serialise
+    it, and safe_open's memory map keeps every page it has read resident until the file is closed:
+    about three shards at the peak, 30 GB for Mistral-7B's 10 GB first shard, more than peft's own
+    merge. Both ends of this loop use the format directly (a JSON header, then raw little-endian
+    data), so the peak is one tensor and its temporaries; safetensors' own reader checks the result."""
+    header, data_start = read_header(source)
+    names = sorted(header, key=lambda key: header[key]["data_offsets"][0])
+    out_code = SAFETENSORS_CODES[out_dtype]
+    entries, offset = {}, 0
+    for key in names:
+        entry = header[key]
+        floating = SAFETENSORS_DTYPES[entry["dtype"]].is_floating_point
+        size = math.prod(entry["shape"]) * out_dtype.itemsize if floating else entry["data_offsets"][1] - entry["data_offsets"][0]
+        entries[key] = {"dtype": out_code if floating else entry["dtype"], "shape": entry["shape"], "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data to 8 bytes, padding the header with spaces
+
+    with source.open("rb") as reader, dest.open("wb") as writer:
+        writer.write(len(encoded).to_bytes(8, "little") + encoded)
+        for key in names:
+            update = updates.get(key)
+            lora = (adapter_weights[update.a_key], adapter_weights[update.b_key], update.scaling) if update else None
+            tensor = merged_weight(
+                read_tensor(reader, header[key], data_start), lora=lora, nf4=nf4_specs.get(key), compute_dtype=compute_dtype, out_dtype=out_dtype
+            )
+            begin, end = entries[key]["data_offsets"]
+            data = tensor.reshape(-1).view(torch.uint8)
+            if data.numel() != end - begin:
+                raise RuntimeError(f"{key}: merged to {data.numel()} bytes, header says {end - begin}")
+            writer.write(data.numpy())
+            del tensor, data  # before the next read, so that the peak holds one tensor, not two
+    return offset
+
+
+def read_tensor(handle, entry: dict, data_start: int) -> torch.Tensor:
+    """One tensor read into memory of its own: plain reads leave the data in the page cache, not in
+    this process (a memory map would count every page read against it until closed)."""
+    begin, end = entry["data_offsets"]
+    buffer = torch.empty(end - begin, dtype=torch.uint8)
+    handle.seek(data_start + begin)
+    if handle.readinto(buffer.numpy()) != end - begin:
+        raise QloraError(f"{handle.name}: truncated safetensors file; download the base again")
+    return buffer.view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+def write_model_files(
+    model_dir: Path, adapter_dir: Path, staging: Path, section: ModelSection, base_config: dict, out_dtype: torch.dtype, sizes: dict[str, int]
+) -> None:
+    """Everything beside the weights that a plain `from_pretrained` needs: config, index, tokenizer."""
+    from transformers import AutoTokenizer
+
+    config = {key: value for key, value in base_config.items() if key != "quantization_config"}
+    config["dtype"] = dtype_name(out_dtype)
+    if "torch_dtype" in config:  # transformers < 4.56 reads only this name
+        config["torch_dtype"] = dtype_name(out_dtype)
+    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if (model_dir / "generation_config.json").is_file():
+        (staging / "generation_config.json").write_text((model_dir / "generation_config.json").read_text())
+    if (model_dir / INDEX).is_file():
+        index = json.loads((model_dir / INDEX).read_text())
+        index["metadata"] = {"total_size": sum(sizes.values())}
+        (staging / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    # The adapter's tokenizer, not the base's: it carries the padding and template choices training made.
+    AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=section.trust_remote_code).save_pretrained(staging)
+
+
+def verify_merge(
+    merged_dir: Path,
+    adapter_dir: Path,
+    model_dir: Path,
+    section: ModelSection,
+    source: Source,
+    out_dtype: torch.dtype,
+    metadata: dict,
+    tolerance: float | None,
+) -> dict:
+    """Compare the merged model's logits with base+adapter's on a few prompts; raise if they differ."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=section.trust_remote_code)
+    prompts = verification_inputs(tokenizer, metadata.get("template", "alpaca"))
+    device = check_device(section.model_copy(update={"device": "auto"}))  # merging needs no GPU, whatever training ran on
+    # The reference is exactly what `qlora generate` runs: the 4-bit base (or the 16-bit one) plus the adapter.
+    reference_section = section if source == "nf4" else section.model_copy(update={"load_in_4bit": False})
+    reference = PeftModel.from_pretrained(load_model(reference_section, model_dir, device=device), str(adapter_dir))
+    use_exact_4bit_matmul(reference)
+    expected = model_logits(reference, prompts)
+    del reference  # one model in memory at a time
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=out_dtype, device_map={"": device} if device.type == "cuda" else None)
+    actual = model_logits(merged, prompts)
+
+    max_diff = max((a - e).abs().max().item() for a, e in zip(actual, expected))
+    scale = max(e.abs().max().item() for e in expected)
+    relative = max_diff / scale if scale else max_diff
+    coarsest = max(out_dtype, DTYPES[section.compute_dtype], key=lambda dtype: DEFAULT_TOLERANCE[dtype])
+    allowed = DEFAULT_TOLERANCE[coarsest] if tolerance is None else tolerance
+    log.info(
+        "verification: largest logit difference %.4g (%.3g%% of the largest logit %.4g), allowed %.3g%%",
+        max_diff, 100 * relative, scale, 100 * allowed,
+    )
+    if not relative <= allowed:
+        raise QloraError(
+            f"merge check failed: the merged model's logits differ from base+adapter by up to {max_diff:.4g} "
+            f"({100 * relative:.3g}% of the largest logit, allowed {100 * allowed:.3g}%); nothing was written. "
+            "Check the base model and the adapter, or merge with a wider --dtype"
+        )
+    return {"max_logit_diff": float(f"{max_diff:.4g}"), "relative_logit_diff": float(f"{relative:.4g}"), "tolerance": allowed}
+
+
+def use_exact_4bit_matmul(model: torch.nn.Module) -> None:
+    """Make 4-bit layers on CPU compute with the dequantized weights training used.
+
+    In eval mode on a CPU with AVX512-BF16, bitsandbytes repacks 4-bit weights for a fast kernel that
+    rounds the block scales to bf16 (bitsandbytes.functional._convert_weight_packed_for_cpu): an
+    inference shortcut training never took, worth ~0.5% of the logits, which the check would
+    wrongly blame on the merge."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def verification_inputs(tokenizer, template: str) -> list[torch.Tensor]:
+    """Prompts in the adapter's template, plus one row of token ids spread over the whole vocabulary
+    so that embedding rows the prompts never touch are checked too."""
+    rows = [tokenizer(render_prompt(instruction, "", template), return_tensors="pt")["input_ids"] for instruction in VERIFY_INSTRUCTIONS]
+    spread = torch.linspace(0, len(tokenizer) - 1, steps=min(64, len(tokenizer))).long()
+    return [*rows, spread.unsqueeze(0)]
+
+
+@torch.inference_mode()
+def model_logits(model, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
+    model.eval()
+    return [model(input_ids=ids.to(model.device)).logits.float().cpu() for ids in prompts]

@@ -93,6 +93,10 @@ def load_tokenizer(model_dir: Path, section: ModelSection) -> PreTrainedTokenize
     return tokenizer
 
 
+def sharded_launch() -> bool:
+    return any(os.environ.get(flag, "").lower() == "true" for flag in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+
+
 def load_model(section: ModelSection, model_dir: Path, *, device: torch.device) -> PreTrainedModel:
     """The frozen base: 4-bit through bitsandbytes, or 16-bit when load_in_4bit is false."""
     quantization = bnb_config(section)
@@ -101,7 +105,9 @@ def load_model(section: ModelSection, model_dir: Path, *, device: torch.device) 
         model_dir,
         quantization_config=quantization,
         dtype=getattr(torch, section.compute_dtype),
-        device_map={"": device} if device.type == "cuda" else None,
+        # Under FSDP or DeepSpeed ZeRO-3 the launcher places (and shards) the weights; transformers
+        # refuses a device map there. Otherwise each process loads onto its own GPU.
+        device_map={"": device} if device.type == "cuda" and not sharded_launch() else None,
         attn_implementation=section.attn_implementation,
         trust_remote_code=section.trust_remote_code,
         use_safetensors=True,

@@ -52,7 +52,7 @@ else
     || run "${pip[@]}" install "torch==$torch_version" --index-url https://download.pytorch.org/whl/cpu
 fi
 
-run "${pip[@]}" install -q -e "$root[dev]"
+run "${pip[@]}" install -q -e "${root}[dev]"
 if [ "$mode" = cuda ]; then
   # Fused RMSNorm/RoPE/SwiGLU kernels: GPU only, so not a hard dependency.
   run "${pip[@]}" install -q liger-kernel

@@ -37,7 +37,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
-    for noisy in ("bitsandbytes", "datasets", "accelerate", "peft", "trl", "transformers", "httpx", "huggingface_hub"):
+    for noisy in ("bitsandbytes", "datasets", "accelerate", "peft", "trl", "transformers", "httpx", "huggingface_hub", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 

@@ -135,6 +135,9 @@ class TrainSection(Section):
     logging_steps: int = Field(10, gt=0, description="Log loss every N optimizer steps.")
     save_steps: int = Field(100, gt=0, description="Write a checkpoint every N optimizer steps.")
     save_limit: int = Field(2, gt=0, description="Complete checkpoints to keep; older ones go only after a newer one is complete.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        ["tensorboard"], description="Experiment trackers to log to (each used only if installed); [] for none."
+    )
 
 
 class Recipe(Section):

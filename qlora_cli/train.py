@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -13,8 +14,9 @@ from pathlib import Path
 import datasets
 from rich.console import Console
 import torch
+from accelerate import PartialState
 from rich.text import Text
-from transformers import TrainerCallback, set_seed
+from transformers import PrinterCallback, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from qlora_cli import adapters, checkpoints
@@ -24,6 +26,7 @@ from qlora_cli.files import MARKER, atomic_directory, check_new_output, refuse_d
 from qlora_cli.lora import attach_lora, check_target_modules, human_count, lora_config
 from qlora_cli.model import base_model_record, check_device, empty_model, load_model, load_tokenizer, resolve_model_dir
 from qlora_cli.recipe import Recipe
+from qlora_cli.report import RichProgress, peak_memory, plot_curves, write_report
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -65,7 +68,9 @@ def sft_config(recipe: Recipe, *, use_cpu: bool) -> SFTConfig:
         activation_offloading=train.activation_offloading and not use_cpu,
         # Our dataset arrives tokenized, truncated and labelled; the trainer only has to pack it.
         dataset_kwargs={"skip_prepare_dataset": not train.packing},
-        report_to="none",
+        report_to=[tracker for tracker in train.report_to if importlib.util.find_spec(tracker) is not None] or "none",
+        disable_tqdm=True,  # report.RichProgress shows one bar with loss, tokens/s and ETA instead
+        include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
     )
 
@@ -137,10 +142,15 @@ def run(
 ) -> Path | None:
     adapter_dir = adapters.adapter_path(recipe.lora.name, adapters_dir)
     run_dir = Path(recipe.train.output_dir)
+    # Under `accelerate launch` every rank runs this function; only the main one writes files.
+    ranks = PartialState()
+    if not ranks.is_main_process:
+        logging.getLogger("qlora_cli").setLevel(logging.WARNING)
     resume_from = None
     if not dry_run:
         check_new_output(adapter_dir, "adapter", force=force)
         resume_from = _check_run_dir(run_dir, recipe, force=force, resume=resume)
+        ranks.wait_for_everyone()  # every rank has checked the outputs before the main one creates them
     device = check_device(recipe.model)
     model_dir = resolve_model_dir(recipe.model, weights=not dry_run)
     tokenizer = load_tokenizer(model_dir, recipe.model)
@@ -156,10 +166,13 @@ def run(
     model = load_model(recipe.model, model_dir, device=device)
     set_seed(recipe.train.seed)  # LoRA A is randomly initialised here, before the trainer seeds anything
     model = attach_lora(model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing)
-    if resume_from is None:
-        _start_run_dir(run_dir, recipe, force=force)
-    checkpoints.discard_staging(run_dir)  # a save cut off by a crash: never visible, now gone
+    if ranks.is_main_process:
+        if resume_from is None:
+            _start_run_dir(run_dir, recipe, force=force)
+        checkpoints.discard_staging(run_dir)  # a save cut off by a crash: never visible, now gone
+    ranks.wait_for_everyone()
     datasets.disable_progress_bars()  # the trainer's packing pass is quick; our own tokenizing bar was shown
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # read by transformers' TensorBoard callback
     stopper = StopOnSignal()
     trainer = CheckpointingTrainer(
         model=model,
@@ -167,8 +180,9 @@ def run(
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        callbacks=[stopper],
+        callbacks=[stopper, RichProgress()],
     )
+    trainer.remove_callback(PrinterCallback)  # raw metric dicts; RichProgress prints readable lines
     trainer.qlora_save_limit = recipe.train.save_limit
     if resume_from is not None:
         log.info("resuming from %s", resume_from)
@@ -191,17 +205,25 @@ def run(
         "examples": len(data.train),
         "dropped_examples": data.dropped,
         "train_seconds": round(result.metrics["train_runtime"], 1),
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "tokens_per_second": round(trainer.state.num_input_tokens_seen / max(result.metrics["train_runtime"], 1e-9), 1),
+        "peak_memory": peak_memory(),
     }
     if data.eval is not None:
         metrics["eval_loss"] = round(trainer.evaluate()["eval_loss"], 4)
     if not all(math.isfinite(value) for value in (metrics["train_loss"], metrics.get("eval_loss", 0.0))):
         raise QloraError(f"training diverged (loss {metrics['train_loss']}); no adapter written. Lower train.lr and retry")
+    if not ranks.is_main_process:
+        return None
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     try:
         export_adapter(trainer.model, tokenizer, recipe, base_record, metrics, adapter_dir, force=force)
     except OSError as error:
         raise QloraError(f"cannot write adapter {adapter_dir}: {error.strerror or error}; nothing was left behind") from None
-    log.info("adapter %r written to %s", recipe.lora.name, adapter_dir)
+    trainable, total = model.get_nb_trainable_parameters()
+    curve = plot_curves(trainer.state.log_history, run_dir / "loss.png")
+    report = write_report(run_dir, recipe=recipe, metrics=metrics, trainable=trainable, total=total, adapter_dir=adapter_dir, curve=curve)
+    log.info("adapter %r written to %s; report: %s", recipe.lora.name, adapter_dir, report)
     return adapter_dir
 
 

@@ -1,0 +1,128 @@
+"""What a run leaves for people to look at: a live progress line, a loss curve, a short report."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import TrainerCallback
+
+log = logging.getLogger(__name__)
+
+
+class RichProgress(TrainerCallback):
+    """One progress bar with loss, tokens/s and ETA; log lines above it instead of raw dicts."""
+
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+        self.task = None
+        self.started = 0.0
+        self.tokens_at_start = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.progress = Progress(
+            TextColumn("[bold]training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[speed]} tok/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, loss="-", speed="-")
+        self.started, self.tokens_at_start = time.perf_counter(), state.num_input_tokens_seen
+        self.progress.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            elapsed = max(time.perf_counter() - self.started, 1e-9)
+            speed = (state.num_input_tokens_seen - self.tokens_at_start) / elapsed
+            self.progress.update(self.task, completed=state.global_step, speed=f"{speed:,.0f}")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.progress is None or not logs:
+            return
+        if "loss" in logs:
+            self.progress.update(self.task, loss=f"{logs['loss']:.4f}")
+            self.progress.console.print(
+                f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}"
+                + (f"  token accuracy {logs['mean_token_accuracy']:.3f}" if "mean_token_accuracy" in logs else ""),
+                highlight=False,
+            )
+        elif "eval_loss" in logs:
+            self.progress.console.print(f"step {state.global_step}  eval loss {logs['eval_loss']:.4f}", highlight=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def plot_curves(log_history: list[dict], path: Path) -> Path | None:
+    """Loss (train and eval) and learning rate against steps, as a PNG."""
+    train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training boxes
+    import matplotlib.pyplot as plt
+
+    evaluation = [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry]
+    rates = [(entry["step"], entry["learning_rate"]) for entry in log_history if "learning_rate" in entry]
+    figure, (loss_axis, rate_axis) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=[3, 1])
+    loss_axis.plot(*zip(*train), label="train loss", color="tab:blue")
+    if evaluation:
+        loss_axis.plot(*zip(*evaluation), "o-", label="eval loss", color="tab:orange")
+    loss_axis.set_ylabel("loss (response tokens)")
+    loss_axis.grid(alpha=0.3)
+    loss_axis.legend()
+    if rates:
+        rate_axis.plot(*zip(*rates), color="tab:green")
+    rate_axis.set_ylabel("learning rate")
+    rate_axis.set_xlabel("optimizer step")
+    rate_axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def write_report(run_dir: Path, *, recipe, metrics: dict, trainable: int, total: int, adapter_dir: Path, curve: Path | None) -> Path:
+    from qlora_cli.lora import human_count
+
+    lines = [
+        f"# Run {recipe.lora.name}",
+        "",
+        f"- model: `{recipe.model.id}` ({'4-bit ' + recipe.model.quant_type if recipe.model.load_in_4bit else recipe.model.compute_dtype})",
+        f"- adapter: LoRA r={recipe.lora.r}, alpha={recipe.lora.alpha}, targets {recipe.lora.target_modules}; "
+        f"trainable {human_count(trainable)} of {human_count(total)} ({100 * trainable / total:.2f}%)",
+        f"- data: `{recipe.data.path}`, {metrics['examples']} examples ({metrics['dropped_examples']} dropped), max length {recipe.data.max_length}",
+        f"- training: {metrics['steps']} steps, lr {recipe.train.lr}, batch {recipe.train.batch_size} x {recipe.train.grad_accum}, {recipe.train.optim}",
+        f"- tokens seen: {metrics['tokens_seen']:,}; {metrics['tokens_per_second']:,.0f} tokens/s over {metrics['train_seconds']} s",
+        f"- peak memory: {metrics['peak_memory']}",
+        f"- final train loss: {metrics['train_loss']}" + (f"; eval loss: {metrics['eval_loss']}" if "eval_loss" in metrics else ""),
+        f"- adapter: `{adapter_dir}`",
+        "",
+    ]
+    if curve is not None:
+        lines += [f"![loss and learning rate]({curve.name})", ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def peak_memory() -> str:
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU (torch.cuda.max_memory_allocated)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RAM (peak RSS)"

@@ -246,6 +246,47 @@ def evaluate(
     Console().print(table)
 
 
+recipes_app = typer.Typer(help="The recipes that ship with qlora: starting points for your own.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """Shipped recipes with their model, dataset and purpose."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from qlora_cli.recipe import SHIPPED_RECIPES, describe_recipe
+
+    table = Table(title=f"recipes in {SHIPPED_RECIPES}")
+    for column in ("name", "model", "data", "purpose"):
+        table.add_column(column)
+    for path in sorted(SHIPPED_RECIPES.glob("*.yaml")):
+        table.add_row(*describe_recipe(path).values())
+    Console().print(table)
+
+
+@recipes_app.command("show")
+def recipes_show(name: str = typer.Argument(..., help="Recipe name, e.g. mistral7b-alpaca.")) -> None:
+    """Print a shipped recipe."""
+    from qlora_cli.recipe import shipped_recipe
+
+    typer.echo(shipped_recipe(name).read_text(), nl=False)
+
+
+@recipes_app.command("copy")
+def recipes_copy(
+    name: str = typer.Argument(..., help="Recipe name, e.g. mistral7b-alpaca."),
+    dest: Path = typer.Argument(..., help="New recipe file (or a folder to copy into)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing file."),
+) -> None:
+    """Copy a shipped recipe to start your own."""
+    from qlora_cli.recipe import copy_recipe
+
+    written = copy_recipe(name, dest, force=force)
+    typer.echo(f"wrote {written}; edit it, then: qlora validate {written}")
+
+
 adapters_app = typer.Typer(help="Find and inspect trained adapters.", no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
 

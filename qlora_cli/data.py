@@ -33,6 +33,13 @@ class TrainingData:
     dropped: int  # examples whose whole response fell beyond max_length
 
 
+def rename_columns(rows: list[dict], columns: dict[str, str]) -> list[dict]:
+    """Map a dataset's own column names onto the alpaca fields (data.columns)."""
+    if not columns:
+        return rows
+    return [{**row, **{field: row.get(column) for field, column in columns.items()}} if isinstance(row, dict) else row for row in rows]
+
+
 def read_rows(path: str, *, split: str = "train", max_rows: int | None = None) -> list[dict]:
     """Rows from a local .jsonl/.json/.csv/.parquet file or a hub dataset split."""
     if is_local(path):
@@ -111,13 +118,13 @@ def tokenize_example(prompt: str, completion: str, tokenizer: PreTrainedTokenize
 
 
 def build_dataset(section: DataSection, tokenizer: PreTrainedTokenizerBase) -> TrainingData:
-    rows = read_rows(section.path, split=section.split, max_rows=section.max_rows)
+    rows = rename_columns(read_rows(section.path, split=section.split, max_rows=section.max_rows), section.columns)
     check_rows(rows, section.path)
     eval_rows: list[dict] | None = None
     if section.eval_path is not None:
         eval_source = section.eval_path if is_local(section.eval_path) else section.path
         eval_split = "train" if is_local(section.eval_path) else section.eval_path
-        eval_rows = read_rows(eval_source, split=eval_split)
+        eval_rows = rename_columns(read_rows(eval_source, split=eval_split), section.columns)
         check_rows(eval_rows, section.eval_path)
     elif section.eval_fraction > 0:
         held_out = max(1, int(len(rows) * section.eval_fraction))

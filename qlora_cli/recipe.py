@@ -96,6 +96,9 @@ class DataSection(Section):
     path: str = Field(description="Hub dataset id, or a local .jsonl/.json/.csv/.parquet file (relative to the recipe).")
     split: str = Field("train", description="Split to train on, for hub datasets.")
     format: Literal["alpaca"] = Field("alpaca", description="Row layout: alpaca rows have instruction, optional input, output.")
+    columns: dict[Literal["instruction", "input", "output"], str] = Field(
+        {}, description="Dataset columns that hold the alpaca fields, e.g. {instruction: question, output: answer}."
+    )
     template: Literal["alpaca"] = Field("alpaca", description="Prompt template; the adapter records it and generation reuses it.")
     task: Literal["forward", "reverse"] = Field(
         "forward", description="'reverse' learns to write the instruction that a response answers (the QLoRA tutorial's task)."
@@ -283,3 +286,45 @@ def _local_or_hub(value: str, base: Path) -> str | None:
 
 def is_local(value: str) -> bool:
     return Path(value).is_absolute()
+
+
+# The recipes that ship with qlora live beside the package in a source checkout (pip install -e .).
+SHIPPED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def shipped_recipe(name: str) -> Path:
+    path = SHIPPED_RECIPES / f"{name.removesuffix('.yaml')}.yaml"
+    if not path.is_file():
+        known = ", ".join(p.stem for p in sorted(SHIPPED_RECIPES.glob("*.yaml")))
+        raise QloraError(f"no shipped recipe {name!r}; shipped: {known}")
+    return path
+
+
+def describe_recipe(path: Path) -> dict[str, str]:
+    """Name, model, dataset and the one-line purpose (the comment under the run command)."""
+    data = yaml.safe_load(path.read_text()) or {}
+    comments = [line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")]
+    return {
+        "name": path.stem,
+        "model": str((data.get("model") or {}).get("id", "?")),
+        "data": str((data.get("data") or {}).get("path", "?")),
+        "purpose": comments[1] if len(comments) > 1 else "",
+    }
+
+
+def copy_recipe(name: str, dest: Path, *, force: bool = False) -> Path:
+    """Copy a shipped recipe to start a new one; local paths are made absolute so they still resolve."""
+    source = shipped_recipe(name)
+    if dest.is_dir():
+        dest = dest / source.name
+    if dest.exists() and not force:
+        raise QloraError(f"{dest} already exists; pass --force to replace it")
+    text = source.read_text()
+    data = yaml.safe_load(text)
+    for section, key in (("model", "id"), ("data", "path"), ("data", "eval_path")):
+        value = (data.get(section) or {}).get(key)
+        if isinstance(value, str) and (SHIPPED_RECIPES / value).exists():
+            text = text.replace(f"{key}: {value}", f"{key}: {(SHIPPED_RECIPES / value).resolve()}", 1)
+    text = text.replace(f"recipes/{source.name}", str(dest), 1)
+    dest.write_text(text)
+    return dest

@@ -51,3 +51,17 @@ def test_bad_recipe_exits_1_naming_the_key_without_traceback(tmp_path):
 def test_missing_recipe_file(tmp_path):
     result = qlora("train", "nope.yaml", cwd=tmp_path)
     assert result.returncode == 1 and "recipe not found: nope.yaml" in result.stderr
+
+
+def test_recipes_list_show_copy(tmp_path):
+    listed = runner.invoke(app, ["recipes", "list"])
+    assert listed.exit_code == 0
+    for name in ("mistral7b-alpaca", "llama3.1-8b-alpaca", "qwen2.5-14b-sql", "tiny-sql", "tiny-json"):
+        assert name in listed.output
+    shown = runner.invoke(app, ["recipes", "show", "mistral7b-alpaca"])
+    assert shown.exit_code == 0 and "mistralai/Mistral-7B-Instruct-v0.2" in shown.output
+    copied = runner.invoke(app, ["recipes", "copy", "tiny-sql", str(tmp_path / "mine.yaml")])
+    assert copied.exit_code == 0, copied.output
+    assert runner.invoke(app, ["validate", str(tmp_path / "mine.yaml")]).exit_code == 0  # paths still resolve
+    again = subprocess.run([sys.executable, "-m", "qlora_cli", "recipes", "copy", "tiny-sql", str(tmp_path / "mine.yaml")], capture_output=True, text=True)
+    assert again.returncode == 1 and "already exists" in again.stderr

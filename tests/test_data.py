@@ -87,3 +87,12 @@ def test_responses_cut_off_by_max_length_are_counted_then_dropped_or_fatal(tmp_p
     assert (len(data.train), data.dropped) == (1, 1)
     with pytest.raises(QloraError, match=r"1 of 2 training examples \(first: row 2\)"):
         build_dataset(DataSection(path=str(path), max_length=60, truncated="fail"), tokenizer)
+
+
+def test_dataset_columns_map_onto_alpaca_fields(tmp_path, tokenizer):
+    path = rows_file(tmp_path, [{"question": "How many?", "context": "table t (a)", "answer": "SELECT COUNT(*) FROM t;"}])
+    section = DataSection(path=str(path), columns={"instruction": "question", "input": "context", "output": "answer"})
+    example = build_dataset(section, tokenizer).train[0]
+    learned = [label for label in example["labels"] if label != IGNORE_INDEX]
+    assert tokenizer.decode(learned[:-1]) == "SELECT COUNT(*) FROM t;"
+    assert "table t (a)" in tokenizer.decode(example["input_ids"])

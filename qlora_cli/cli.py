@@ -258,11 +258,13 @@ def recipes_list() -> None:
 
     from qlora_cli.recipe import SHIPPED_RECIPES, describe_recipe
 
+    rows = [describe_recipe(path) for path in sorted(SHIPPED_RECIPES.glob("*.yaml"))]
     table = Table(title=f"recipes in {SHIPPED_RECIPES}")
-    for column in ("name", "model", "data", "purpose"):
+    table.add_column("name", no_wrap=True, min_width=max(len(row["name"]) for row in rows))  # what users type next
+    for column in ("model", "data", "purpose"):
         table.add_column(column)
-    for path in sorted(SHIPPED_RECIPES.glob("*.yaml")):
-        table.add_row(*describe_recipe(path).values())
+    for row in rows:
+        table.add_row(*row.values())
     Console().print(table)
 
 

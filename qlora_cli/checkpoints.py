@@ -9,6 +9,7 @@ after a newer one is complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -43,6 +44,8 @@ def commit(staged: Path, run_dir: Path, *, keep: int) -> Path:
     if final.exists():  # an uncommitted twin from an earlier crash at the same step: ours, replace it
         shutil.rmtree(final)
     staged.rename(final)
+    with contextlib.suppress(OSError):
+        staged.parent.rmdir()  # the staging folder goes once empty, so a finished run holds only results
     _fsync_dir(run_dir)
     for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)

@@ -215,6 +215,7 @@ def run(
         raise QloraError(f"training diverged (loss {metrics['train_loss']}); no adapter written. Lower train.lr and retry")
     if not ranks.is_main_process:
         return None
+    checkpoints.discard_staging(run_dir)  # other ranks' late writes into the last checkpoint's staging folder
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     try:
         export_adapter(trainer.model, tokenizer, recipe, base_record, metrics, adapter_dir, force=force)

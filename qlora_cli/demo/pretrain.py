@@ -1,0 +1,285 @@
+"""Build the tiny demo base model: a word-level tokenizer and a 4-layer Mistral pretrained for minutes on CPU.
+
+Why pretrain at all: QLoRA freezes the base and trains only low-rank adapters. Both demo tasks are
+mostly copying — table names, columns and values into SQL, words of a sentence into JSON — and a
+randomly initialised base has no copying circuit for a LoRA adapter to steer: on frozen random
+weights the adapter learns the output template but gets ~0% exact match. So the base gets a short
+pretraining on task-free skills (see `qlora_cli.demo.world`): first copy drills over every word of
+the demo, then SQL and JSON over *made-up* tables, keys and values, in another phrasing and
+another layout than the demo tasks. The base then fails the demo tasks on its own, and an adapter
+trained for a minute or two masters them: the adapter, not the base, is what learns the task.
+
+A few CPU minutes are far too few for copying to emerge from a plain random start; three choices
+make it fit: tied input/output embeddings during pretraining, attention heads initialised as
+copiers (`copier_init`) plus one wired to look at the previous token (`previous_token_init`),
+and the copy-first curriculum.
+
+Word-level tokens keep the model tiny and make copying a one-token-per-word job; see
+`build_tokenizer` for how spaces are handled so that decoding still round-trips exactly.
+
+    python -m qlora_cli.demo.pretrain --out recipes/tiny/base [--minutes 4.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import string
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import GenerationConfig, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+
+from qlora_cli.demo import world
+from qlora_cli.prompts import render_prompt
+
+# Words, whitespace runs and single punctuation marks are tokens, except that the single space
+# between two words is dropped: it is implied, and the decoder puts it back. Each word thus has a
+# single token wherever it appears ("in Paris", "'Paris'", "\"Paris\""), which is what copying needs,
+# and sequences are about half as long as with a token per space.
+IMPLIED_SPACE = r"(?<=\w) (?=\w)"
+TOKEN_PATTERN = r"\w+|\s+|[^\w\s]"
+UNK, BOS, EOS = "<unk>", "<s>", "</s>"  # Mistral's special tokens and ids 0, 1, 2
+MAX_LEN = 256
+SEED = 0
+
+
+def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(IMPLIED_SPACE), behavior="removed"),
+        pre_tokenizers.Split(Regex(TOKEN_PATTERN), behavior="isolated"),
+    ])
+
+
+def _decoder() -> decoders.Decoder:
+    # Mark every token boundary, join, then turn the boundaries between two words back into the
+    # space the pre-tokenizer removed; every other boundary joins with nothing.
+    return decoders.Sequence([
+        decoders.Replace(Regex("$"), "\x01"),
+        decoders.Fuse(),
+        decoders.Replace(Regex(r"(?<=\w)\x01(?=\w)"), " "),
+        decoders.Replace("\x01", ""),
+    ])
+
+
+def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer whose vocabulary is every token of `texts` plus printable ASCII."""
+    pre_tokenizer = _pre_tokenizer()
+    pieces = {piece for text in texts for piece, _ in pre_tokenizer.pre_tokenize_str(text)}
+    # Single characters keep unforeseen punctuation and digits out of <unk>.
+    pieces.update(string.printable.strip())
+    pieces.update({" ", "\n"})
+    vocab = {token: i for i, token in enumerate([UNK, BOS, EOS, *sorted(pieces)])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizer
+    core.decoder = _decoder()
+    # BOS in front like Mistral; no EOS, since SFT appends it to completions itself.
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        model_max_length=MAX_LEN,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def model_config(tokenizer: PreTrainedTokenizerFast) -> MistralConfig:
+    return MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=640,  # a multiple of 32: bitsandbytes packs 4-bit CPU weights in blocks of 32 rows
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_LEN,
+        sliding_window=None,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def copier_init(model: MistralForCausalLM) -> None:
+    """Start every attention head as a copier: its output map is its value map transposed.
+
+    With tied embeddings, a head then adds the (projected) embeddings of the tokens it attends to
+    onto the logits of those same tokens, so "predict a word of the context" works from step one
+    and gradients only need to teach attention *where* to look. From a random start, the value/
+    output maps and the attention patterns must appear together, which takes far more steps than
+    a few CPU minutes allow.
+    """
+    config = model.config
+    head_dim = config.head_dim
+    per_kv = config.num_attention_heads // config.num_key_value_heads
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            value = attn.v_proj.weight  # (kv_heads * head_dim, hidden)
+            # v @ v.T is about (hidden * std^2) * I: rescale so output(value(x)) projects x.
+            scale = 1.0 / (config.hidden_size * config.initializer_range**2)
+            for head in range(config.num_attention_heads):
+                kv = head // per_kv
+                block = value[kv * head_dim:(kv + 1) * head_dim]
+                attn.o_proj.weight[:, head * head_dim:(head + 1) * head_dim] = scale * block.T
+
+
+def previous_token_init(model: MistralForCausalLM, sharpness: float = 9.0) -> None:
+    """Wire head 0 of layer 0 to attend to the previous token and write it in a separate code.
+
+    Copying a sequence (induction) needs to know, at each position, which token came before it;
+    learning that positional head from scratch is the slow first half of the induction "phase
+    change". Built in here, the head gives the later layers that signal from step one.
+
+    Queries and keys read a feature that is the same for every token (dimension 0 of the
+    embeddings) and are set so that, after the rotary embedding, their dot product peaks at a
+    distance of exactly one position. The head's output is rotated by a random orthogonal matrix
+    so "previous token" does not look like "this token" to the layers above.
+    """
+    config = model.config
+    head_dim, half = config.head_dim, config.head_dim // 2
+    attn = model.model.layers[0].self_attn
+    inv_freq = model.model.rotary_emb.inv_freq[:8].float()  # the fastest-turning rotary pairs
+    generator = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        embeddings = model.get_input_embeddings().weight
+        embeddings[:, 0] = 0.3
+        # After RMSNorm that constant reads about 0.3 / rms(embedding row).
+        constant = 0.3 / embeddings.pow(2).mean(dim=1).sqrt().mean().item()
+        attn.q_proj.weight[:head_dim] = 0
+        attn.k_proj.weight[:head_dim] = 0
+        pairs = torch.arange(len(inv_freq))
+        # score(d) = sum_i A*B*cos((d - 1) * theta_i): largest for the previous token (d = 1).
+        attn.q_proj.weight[pairs, 0] = sharpness * torch.cos(inv_freq) / constant
+        attn.q_proj.weight[pairs + half, 0] = -sharpness * torch.sin(inv_freq) / constant
+        attn.k_proj.weight[pairs, 0] = sharpness / constant
+        rotation, _ = torch.linalg.qr(torch.randn(config.hidden_size, config.hidden_size, generator=generator))
+        attn.o_proj.weight[:, :head_dim] = rotation @ attn.o_proj.weight[:, :head_dim]
+
+
+def _packed_blocks(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> torch.Tensor:
+    # Texts are concatenated as <s> text </s> and cut into full-length blocks: no padding,
+    # every position of every step is a training signal.
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    stream = [token for seq in ids for token in (*seq, tokenizer.eos_token_id)]
+    n_blocks = len(stream) // MAX_LEN
+    return torch.tensor(stream[: n_blocks * MAX_LEN]).view(n_blocks, MAX_LEN)
+
+
+def pretrain(
+    model: MistralForCausalLM,
+    stages: list[torch.Tensor],
+    minutes: float,
+    max_steps: int,
+    batch_size: int = 4,
+    lr: float = 2e-3,
+    warmup_steps: int = 50,
+    log_every: int = 25,
+) -> dict:
+    """Causal-LM training until `max_steps` or the wall-clock budget, whichever comes first.
+
+    `stages` are block tensors used in turn, each for an equal share of that progress (a
+    curriculum: copy drills first, then the full mix).
+
+    The LR follows a cosine over that same progress, so a slower or busier machine still ends
+    with a fully decayed LR; on an idle 2-core machine the step limit binds and the run is exactly
+    reproducible.
+    """
+    budget = minutes * 60
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    generator = torch.Generator().manual_seed(SEED)
+    orders = [torch.randperm(len(blocks), generator=generator) for blocks in stages]
+    model.train()
+    start, step, loss_value = time.perf_counter(), 0, float("nan")
+    while (progress := max(step / max_steps, (time.perf_counter() - start) / budget)) < 1:
+        scale = min(1.0, (step + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * progress))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * scale
+        stage = min(int(progress * len(stages)), len(stages) - 1)
+        blocks, order = stages[stage], orders[stage]
+        batch = blocks[order[(torch.arange(batch_size) + step * batch_size) % len(blocks)]]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_value = loss.item()
+        if step % log_every == 0:
+            print(f"step {step:4d}  loss {loss_value:.3f}  lr {lr * scale:.2e}  {time.perf_counter() - start:6.1f}s", flush=True)
+    wall = time.perf_counter() - start
+    print(f"pretraining done: {step} steps, final loss {loss_value:.3f}, wall time {wall:.1f}s", flush=True)
+    return {"steps": step, "loss": loss_value, "wall_s": wall, "tokens": step * batch_size * MAX_LEN}
+
+
+def _readme(config: MistralConfig, stats: dict, minutes: float, max_steps: int) -> str:
+    params = stats["params"]
+    return f"""# Tiny demo base model
+
+A {params / 1e6:.1f}M-parameter Mistral (4 layers, hidden {config.hidden_size}, {config.num_attention_heads} heads,
+{config.num_key_value_heads} KV heads, vocabulary {config.vocab_size} words) with a word-level tokenizer, built
+offline for the `qlora` demo. It was pretrained for {stats['wall_s']:.0f} s on CPU ({stats['steps']} steps,
+{stats['tokens'] / 1e6:.2f}M tokens, {stats['threads']} thread(s)) on copy drills, then SQL and JSON over made-up
+tables and keys, so it can copy words and knows the alpaca frame, SQL and JSON syntax, but cannot do the demo's
+`sql` and `json` tasks: a QLoRA adapter is what teaches them. Weights are stored in bfloat16.
+
+Rebuild (data, then model; on an idle 2-core CPU the step limit ends training in about 4 minutes and
+the weights are reproducible; on a busy machine pass `--threads 1` and a larger `--minutes`):
+
+    python -m qlora_cli.demo.world --out recipes/tiny
+    python -m qlora_cli.demo.pretrain --out recipes/tiny/base --minutes {minutes:g} --steps {max_steps}
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build and pretrain the tiny demo base model.")
+    parser.add_argument("--out", default="recipes/tiny/base", help="folder for the model and tokenizer")
+    parser.add_argument("--minutes", type=float, default=4.5, help="wall-clock pretraining budget")
+    parser.add_argument("--steps", type=int, default=1400, help="step limit (batches of 4 x 256 tokens)")
+    parser.add_argument("--texts", type=int, default=20000, help="texts to generate per pretraining stage")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads; use 1 on a busy machine")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(SEED)
+    # More threads than idle cores makes torch's workers spin against each other: ~10x slower.
+    torch.set_num_threads(args.threads)
+    stage_texts = [world.copy_texts(args.texts, seed=SEED), world.pretraining_texts(args.texts, seed=SEED + 1)]
+    dataset_texts = [
+        render_prompt(row["instruction"], row["input"]) + row["output"]
+        for rows in world.dataset_rows().values()
+        for row in rows
+    ]
+    tokenizer = build_tokenizer([text for texts in stage_texts for text in texts] + dataset_texts)
+    stages = [_packed_blocks(tokenizer, texts) for texts in stage_texts]
+    config = model_config(tokenizer)
+    model = MistralForCausalLM(config)
+    # Pretrain with the output matrix tied to the embeddings: copying a word is then an identity
+    # map for attention to learn once, rather than an embedding->logit mapping to learn for each of
+    # hundreds of words, most of which show up only a handful of times in a few hundred steps.
+    model.lm_head.weight = model.get_input_embeddings().weight
+    copier_init(model)
+    previous_token_init(model)
+    params = sum(p.numel() for p in model.parameters()) + model.lm_head.weight.numel()
+    print(f"vocab {len(tokenizer)}, {params / 1e6:.2f}M parameters, {[len(b) for b in stages]} blocks of {MAX_LEN} tokens")
+
+    stats = pretrain(model, stages, args.minutes, args.steps) | {"params": params, "threads": args.threads}
+
+    # Saved untied, like Mistral: each matrix gets its own copy of the shared weights.
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    out = Path(args.out)
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, do_sample=False
+    ).save_pretrained(out)
+    (out / "README.md").write_text(_readme(config, stats, args.minutes, args.steps), encoding="utf-8")
+    print(f"saved to {out}")
+
+
+if __name__ == "__main__":
+    main()

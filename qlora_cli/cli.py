@@ -307,21 +307,23 @@ def adapters_list(adapters_dir: Optional[str] = AdaptersDirOpt) -> None:
         return
     table = Table(title=f"adapters in {adapters.adapters_home(adapters_dir)}")
     for column in ("name", "base", "r", "targets", "data", "train loss", "eval loss", "size", "created"):
-        table.add_column(column)
+        # The columns people act on stay whole; the rest wrap in narrow terminals.
+        table.add_column(column, no_wrap=column in ("name", "targets", "r", "size"))
     for folder in found:
         meta = adapters.read_metadata(folder)
         lora, metrics = meta.get("lora", {}), meta.get("metrics", {})
         targets = lora.get("target_modules", "?")
+        base = str(meta.get("base", {}).get("id", "?"))
         table.add_row(
             folder.name,
-            str(meta.get("base", {}).get("id", "?")),
+            Path(base).name if Path(base).is_absolute() else base,
             str(lora.get("r", "?")),
             targets if isinstance(targets, str) else ",".join(targets),
             Path(str(meta.get("data", {}).get("path", "?"))).name,
             str(metrics.get("train_loss", "-")),
             str(metrics.get("eval_loss", "-")),
             f"{adapters.directory_size(folder) / 2**20:.1f} MiB",
-            str(meta.get("created", "?")),
+            str(meta.get("created", "?"))[:16].replace("T", " "),
         )
     Console().print(table)
 

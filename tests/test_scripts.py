@@ -395,7 +395,9 @@ def test_dev_extra_brings_shellcheck():
 PROBE = """
 from accelerate import PartialState
 state = PartialState(cpu=True)  # what the trainer does when qlora trains on the CPU (use_cpu=True)
-print("rank", state.process_index, "of", state.num_processes, state.distributed_type.value, state.backend, flush=True)
+# One file per rank: two processes printing to one pipe can interleave mid-line.
+with open(f"rank{state.process_index}.txt", "w") as out:
+    out.write(f"rank {state.process_index} of {state.num_processes} {state.distributed_type.value} {state.backend}")
 """
 
 
@@ -413,5 +415,5 @@ def test_cpu_2proc_config_really_starts_two_gloo_processes(tmp_path: Path):
         capture_output=True, text=True, timeout=180, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    ranks = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    ranks = sorted(path.read_text() for path in tmp_path.glob("rank*.txt"))
     assert ranks == ["rank 0 of 2 MULTI_CPU gloo", "rank 1 of 2 MULTI_CPU gloo"], result.stdout + result.stderr

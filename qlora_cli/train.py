@@ -110,6 +110,17 @@ class CheckpointingTrainer(SFTTrainer):
     written in place, and never sees the per-step loss.
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # SFTTrainer has just cast a 4-bit model's adapter weights to bf16. In bf16 an Adam update below
+        # 1/256 of a weight rounds away, so late, small-LR steps are lost and a checkpoint no longer holds
+        # the exact state (a resumed run drifts from the uninterrupted one). Back to fp32, before the
+        # optimizer exists: adapters are under 1% of the model, `qlora plan` counts them in fp32, and
+        # under bf16 autocast their matmuls still run in bf16.
+        for param in self.model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+
     def _save_checkpoint(self, model, trial) -> None:
         run_dir = Path(self.args.output_dir)
         staged = checkpoints.staging_dir(run_dir) / f"checkpoint-{self.state.global_step}"

@@ -48,13 +48,13 @@ def read_jsonl(path: Path) -> list[dict]:
 @pytest.fixture(scope="session")
 def trained_adapters(tmp_path_factory) -> Path:
     """The demo's two adapters (sql, json), trained once per session with the shipped recipes, shortened
-    to one epoch so the suite stays within CI's budget (the demo trains four)."""
+    to two epochs so the suite stays within CI's budget (the demo trains three)."""
     from qlora_cli import train
     from qlora_cli.recipe import load_recipe
 
     home = tmp_path_factory.mktemp("adapters")
     runs = tmp_path_factory.mktemp("runs")
     for task in ("sql", "json"):
-        recipe = load_recipe(REPO / "recipes" / f"tiny-{task}.yaml", [f"train.output_dir={runs / task}", "train.epochs=1.0"])
+        recipe = load_recipe(REPO / "recipes" / f"tiny-{task}.yaml", [f"train.output_dir={runs / task}", "train.epochs=2.0"])
         train.run(recipe, adapters_dir=str(home))
     return home

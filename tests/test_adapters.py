@@ -34,16 +34,15 @@ def share(answers: list[str], prefix: str) -> float:
 
 
 def test_each_adapter_answers_its_own_task_from_one_process(session):
-    # The bar is >= 90% exact match after the demo's full training; the shipped tiny base reaches
-    # ~70% there today and less after this fixture's one epoch, so these checks are about routing: each
-    # adapter answers in its own task's form, the base in neither, all from one loaded base.
+    # Two epochs here (CI's budget) reach 85% (sql) and 97% (json) on these 40 questions; the demo's three
+    # reach the issue's >= 90% on all 100, which test_tiny_default.py checks when asked. All from one base.
     sql_on_sql, sql_answers = exact_match(session, SQL, "sql")
     json_on_json, json_answers = exact_match(session, JSON, "json")
     base_on_sql, base_answers = exact_match(session, SQL, BASE)
     _, json_on_sql_answers = exact_match(session, SQL, "json")
     print(f"exact match: sql adapter {sql_on_sql:.2f}, json adapter {json_on_json:.2f}, base {base_on_sql:.2f}")
-    assert share(sql_answers, "SELECT") >= 0.9 and share(json_answers, "{") >= 0.9
-    assert sql_on_sql > base_on_sql and json_on_json > 0 and base_on_sql <= 0.05
+    assert sql_on_sql >= 0.75 and json_on_json >= 0.9 and base_on_sql <= 0.05
+    assert share(sql_answers, "SELECT") == 1 and share(json_answers, "{") == 1
     assert share(base_answers, "SELECT") <= 0.1
     assert share(json_on_sql_answers, "{") >= 0.8  # the json adapter stays itself on SQL questions
 

@@ -6,8 +6,10 @@ randomly initialised base has no copying circuit for a LoRA adapter to steer: on
 weights the adapter learns the output template but gets ~0% exact match. So the base gets a short
 pretraining on task-free skills (see `qlora_cli.demo.world`): first copy drills over every word of
 the demo, then SQL and JSON over *made-up* tables, keys and values, in another phrasing and
-another layout than the demo tasks. The base then fails the demo tasks on its own, and an adapter
-trained for a minute or two masters them: the adapter, not the base, is what learns the task.
+another layout than the demo tasks, and last a short run that adds synonyms ("highest" next to
+"maximum"), the word knowledge any pretrained model brings. The base then fails the demo tasks on
+its own (0% exact match), and an adapter trained for four CPU minutes masters them (over 90%):
+the adapter, not the base, is what learns the task.
 
 A few CPU minutes are far too few for copying to emerge from a plain random start; three choices
 make it fit: tied input/output embeddings during pretraining, attention heads initialised as
@@ -17,12 +19,13 @@ and the copy-first curriculum.
 Word-level tokens keep the model tiny and make copying a one-token-per-word job; see
 `build_tokenizer` for how spaces are handled so that decoding still round-trips exactly.
 
-    python -m qlora_cli.demo.pretrain --out recipes/tiny/base [--minutes 4.5]
+    python -m qlora_cli.demo.pretrain --out recipes/tiny/base [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import string
 import time
@@ -217,67 +220,92 @@ def pretrain(
     return {"steps": step, "loss": loss_value, "wall_s": wall, "tokens": step * batch_size * MAX_LEN}
 
 
-def _readme(config: MistralConfig, stats: dict, minutes: float, max_steps: int) -> str:
-    params = stats["params"]
+def _readme(config: MistralConfig, params: int, stages: list[dict]) -> str:
+    done = "\n".join(
+        f"- {stage['name']}: {stage['steps']} steps, {stage['tokens'] / 1e6:.2f}M tokens, {stage['wall_s']:.0f} s on "
+        f"{stage['threads']} CPU thread(s), final loss {stage['loss']:.2f}"
+        for stage in stages
+    )
     return f"""# Tiny demo base model
 
 A {params / 1e6:.1f}M-parameter Mistral (4 layers, hidden {config.hidden_size}, {config.num_attention_heads} heads,
 {config.num_key_value_heads} KV heads, vocabulary {config.vocab_size} words) with a word-level tokenizer, built
-offline for the `qlora` demo. It was pretrained for {stats['wall_s']:.0f} s on CPU ({stats['steps']} steps,
-{stats['tokens'] / 1e6:.2f}M tokens, {stats['threads']} thread(s)) on copy drills, then SQL and JSON over made-up
-tables and keys, so it can copy words and knows the alpaca frame, SQL and JSON syntax, but cannot do the demo's
-`sql` and `json` tasks: a QLoRA adapter is what teaches them. Weights are stored in bfloat16.
+offline for the `qlora` demo by `python -m qlora_cli.demo.pretrain`. It was pretrained on CPU:
 
-Rebuild (data, then model; on an idle 2-core CPU the step limit ends training in about 4 minutes and
-the weights are reproducible; on a busy machine pass `--threads 1` and a larger `--minutes`):
+{done}
+
+So it can copy words, knows the alpaca frame, SQL and JSON syntax and what words like "highest" or
+"below" ask of a query, but cannot do the demo's `sql` and `json` tasks: a QLoRA adapter is what
+teaches them. Weights are stored in bfloat16; `pretraining.json` holds the figures above.
+
+Rebuild (data, then model; the step limits end each run before its time budget does, so the weights
+are reproducible; on a busy machine pass `--threads 1`, and a larger `--minutes` if a run hits it):
 
     python -m qlora_cli.demo.world --out recipes/tiny
-    python -m qlora_cli.demo.pretrain --out recipes/tiny/base --minutes {minutes:g} --steps {max_steps}
+    python -m qlora_cli.demo.pretrain --out recipes/tiny/base
 """
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build and pretrain the tiny demo base model.")
     parser.add_argument("--out", default="recipes/tiny/base", help="folder for the model and tokenizer")
-    parser.add_argument("--minutes", type=float, default=4.5, help="wall-clock pretraining budget")
+    parser.add_argument("--minutes", type=float, default=12, help="wall-clock budget of each of the two runs")
     parser.add_argument("--steps", type=int, default=1400, help="step limit (batches of 4 x 256 tokens)")
     parser.add_argument("--texts", type=int, default=20000, help="texts to generate per pretraining stage")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads; use 1 on a busy machine")
+    parser.add_argument("--synonym-steps", type=int, default=400, help="step limit of the last stage (synonyms)")
+    parser.add_argument("--start-from", metavar="DIR", help="a base this script saved: run only the synonym stage on it")
     args = parser.parse_args(argv)
 
     torch.manual_seed(SEED)
     # More threads than idle cores makes torch's workers spin against each other: ~10x slower.
     torch.set_num_threads(args.threads)
-    stage_texts = [world.copy_texts(args.texts, seed=SEED), world.pretraining_texts(args.texts, seed=SEED + 1)]
-    dataset_texts = [
-        render_prompt(row["instruction"], row["input"]) + row["output"]
-        for rows in world.dataset_rows().values()
-        for row in rows
-    ]
-    tokenizer = build_tokenizer([text for texts in stage_texts for text in texts] + dataset_texts)
-    stages = [_packed_blocks(tokenizer, texts) for texts in stage_texts]
-    config = model_config(tokenizer)
-    model = MistralForCausalLM(config)
-    # Pretrain with the output matrix tied to the embeddings: copying a word is then an identity
-    # map for attention to learn once, rather than an embedding->logit mapping to learn for each of
-    # hundreds of words, most of which show up only a handful of times in a few hundred steps.
-    model.lm_head.weight = model.get_input_embeddings().weight
-    copier_init(model)
-    previous_token_init(model)
-    params = sum(p.numel() for p in model.parameters()) + model.lm_head.weight.numel()
-    print(f"vocab {len(tokenizer)}, {params / 1e6:.2f}M parameters, {[len(b) for b in stages]} blocks of {MAX_LEN} tokens")
+    if args.start_from:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(args.start_from)
+        model = MistralForCausalLM.from_pretrained(args.start_from, dtype=torch.float32)
+        model.lm_head.weight = model.get_input_embeddings().weight  # saved as two copies of one matrix
+        config = model.config
+        done = json.loads((Path(args.start_from) / "pretraining.json").read_text())["stages"]
+    else:
+        stage_texts = [world.copy_texts(args.texts, seed=SEED), world.pretraining_texts(args.texts, seed=SEED + 1)]
+        dataset_texts = [
+            render_prompt(row["instruction"], row["input"]) + row["output"]
+            for rows in world.dataset_rows().values()
+            for row in rows
+        ]
+        tokenizer = build_tokenizer([text for texts in stage_texts for text in texts] + dataset_texts)
+        stages = [_packed_blocks(tokenizer, texts) for texts in stage_texts]
+        config = model_config(tokenizer)
+        model = MistralForCausalLM(config)
+        # Pretrain with the output matrix tied to the embeddings: copying a word is then an identity
+        # map for attention to learn once, rather than an embedding->logit mapping to learn for each of
+        # hundreds of words, most of which show up only a handful of times in a few hundred steps.
+        model.lm_head.weight = model.get_input_embeddings().weight
+        copier_init(model)
+        previous_token_init(model)
+        print(f"vocab {len(tokenizer)}, {[len(b) for b in stages]} blocks of {MAX_LEN} tokens")
+        stats = pretrain(model, stages, args.minutes, args.steps)
+        done = [{"name": "copy drills, then SQL and JSON over made-up tables", "threads": args.threads, **stats}]
 
-    stats = pretrain(model, stages, args.minutes, args.steps) | {"params": params, "threads": args.threads}
+    # Last, synonyms: a short second run at a lower LR, so the copying learnt above stays intact. Its
+    # texts use only words the tokenizer already has (a few random numbers are not among them).
+    texts = world.pretraining_texts(args.texts, seed=SEED + 2, synonyms=True)
+    known = [text for text, ids in zip(texts, tokenizer(texts)["input_ids"]) if tokenizer.unk_token_id not in ids]
+    print(f"synonym stage: {len(known)} of {len(texts)} texts have no unknown words")
+    stats = pretrain(model, [_packed_blocks(tokenizer, known)], args.minutes, args.synonym_steps, lr=1e-3, warmup_steps=20)
+    done.append({"name": "the same with synonyms", "threads": args.threads, **stats})
 
     # Saved untied, like Mistral: each matrix gets its own copy of the shared weights.
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    params = sum(p.numel() for p in model.parameters())
     out = Path(args.out)
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, do_sample=False
     ).save_pretrained(out)
-    (out / "README.md").write_text(_readme(config, stats, args.minutes, args.steps), encoding="utf-8")
+    (out / "pretraining.json").write_text(json.dumps({"stages": done}, indent=2) + "\n", encoding="utf-8")
+    (out / "README.md").write_text(_readme(config, params, done), encoding="utf-8")
     print(f"saved to {out}")
 
 

@@ -124,7 +124,7 @@ SQL_SHAPES = {
     "distinct": "SELECT DISTINCT {w} FROM {t};",
 }
 
-# The sql task's English questions. Pretraining never uses these words for these meanings.
+# The sql task's English questions: full sentences in the alpaca frame.
 TARGET_PHRASINGS = {
     "select_eq": ["Show the {c} of {t} whose {w} is {v}.", "What is the {c} of the {t} whose {w} is {v}?"],
     "count_eq": ["How many {t} have {w} {v}?", "How many {t} have a {w} of {v}?"],
@@ -153,6 +153,24 @@ PRETRAIN_PHRASINGS = {
     "distinct": ["unique {w} in {t}"],
 }
 PRETRAIN_AGGS = {"AVG": "mean", "MAX": "maximum", "MIN": "minimum", "SUM": "sum"}
+
+# The last pretraining stage adds synonyms: more terse shapes that use the task's key words
+# ("highest", "below", "each") among others, because a pretrained language model knows what those
+# words mean. What the base still never sees is the task itself — its questions, its frame, its
+# tables. Without this the adapter must also learn which of six look-alike words picks MAX, MIN,
+# ASC or "<", and in a few CPU minutes it does not: it guesses AVG and DESC.
+SYNONYM_PHRASINGS = {
+    "select_gt": ["{c} from {t} for {n} above {x}", "get {c} from {t} with {n} above {x}"],
+    "select_lt": ["{c} from {t} for {n} below {x}", "get {c} from {t} with {n} below {x}"],
+    "agg": ["the {agg} {n} in {t}"],
+    "agg_eq": ["the {agg} {n} in {t} for {w} {v}"],
+    "top": ["{c} in {t} with the highest {n}"],
+    "bottom": ["{c} in {t} with the lowest {n}"],
+    "group_count": ["count {t} for each {w}"],
+    "distinct": ["distinct {w} in {t}"],
+}
+SYNONYM_AGGS = {"AVG": ["mean", "average"], "MAX": ["maximum", "highest"], "MIN": ["minimum", "lowest"],
+                "SUM": ["sum", "total"]}
 
 # json task: order sentences -> {"item", "qty", "color"?, "city"}; every value is copied verbatim.
 ORDER_INSTRUCTIONS = ["Extract the order as JSON.", "Turn the order into JSON."]
@@ -204,6 +222,11 @@ def check_sql(schema_columns: dict[str, list], table: str, query: str) -> None:
         db.execute(query).fetchall()
 
 
+def _one_of(rng: random.Random, words: str | list[str]) -> str:
+    # A single word draws nothing, so the target datasets stay what they were before synonyms.
+    return words if isinstance(words, str) else rng.choice(words)
+
+
 def _sql_example(rng: random.Random, tables: Tables, phrasings: dict, aggs: dict) -> tuple[str, str, str]:
     """(question, schema, query) for a random table and SQL shape."""
     t = rng.choice(sorted(tables))
@@ -215,7 +238,7 @@ def _sql_example(rng: random.Random, tables: Tables, phrasings: dict, aggs: dict
     n = rng.choice(num_cols)
     fn = rng.choice(sorted(aggs))
     slots = {
-        "t": t, "w": w, "n": n, "fn": fn, "agg": aggs[fn],
+        "t": t, "w": w, "n": n, "fn": fn, "agg": _one_of(rng, aggs[fn]),
         "v": rng.choice(columns[w]),
         "x": rng.choice(columns[n]),
         # The selected column must differ from the one the question filters or sorts on.
@@ -328,8 +351,12 @@ def _made_up_table(rng: random.Random) -> Tables:
     }}
 
 
-def _sql_request(rng: random.Random) -> str:
-    request, schema, query = _sql_example(rng, _made_up_table(rng), PRETRAIN_PHRASINGS, PRETRAIN_AGGS)
+def _sql_request(rng: random.Random, synonyms: bool = False) -> str:
+    phrasings, aggs = PRETRAIN_PHRASINGS, PRETRAIN_AGGS
+    if synonyms:
+        phrasings = {kind: shapes + SYNONYM_PHRASINGS.get(kind, []) for kind, shapes in phrasings.items()}
+        aggs = SYNONYM_AGGS
+    request, schema, query = _sql_example(rng, _made_up_table(rng), phrasings, aggs)
     return f"{schema}\nrequest: {request}\nSQL: {query}"
 
 
@@ -348,7 +375,7 @@ def copy_texts(n: int, seed: int) -> list[str]:
     return texts
 
 
-def pretraining_texts(n: int, seed: int) -> list[str]:
+def pretraining_texts(n: int, seed: int, synonyms: bool = False) -> list[str]:
     """`n` texts (no special tokens) for the second stage: SQL and JSON over made-up tables and
     records, with copy drills kept in the mix so the copying learnt first is not forgotten.
 
@@ -356,7 +383,8 @@ def pretraining_texts(n: int, seed: int) -> list[str]:
     in a few dozen steps, so framing every drill would spend most of a CPU budget on it. A share
     of copy and record drills comes in the alpaca frame, so the base knows the frame, its
     instruction and input slots, and that a response follows. SQL appears only unframed, in a
-    `schema / request / SQL` layout the sql task never uses.
+    `schema / request / SQL` layout the sql task never uses. With `synonyms`, the requests also
+    come in the shapes of SYNONYM_PHRASINGS (the last stage).
     """
     rng = random.Random(seed)
     words = all_words()
@@ -372,7 +400,7 @@ def pretraining_texts(n: int, seed: int) -> list[str]:
         elif r < 0.4:
             texts.append(_copy_drill(rng, words, framed=False))
         elif r < 0.8:
-            texts.append(_sql_request(rng))
+            texts.append(_sql_request(rng, synonyms))
         else:
             texts.append(_record_drill(rng, framed=False))
     return texts

@@ -217,6 +217,7 @@ def merge(
 def evaluate(
     data: str = typer.Option(..., "--data", help="Held-out rows: a .jsonl/.json/.csv/.parquet file or a hub dataset."),
     adapter: list[str] = typer.Option([], "--adapter", "-a", help="Adapter name or folder; repeat; 'none' is the base."),
+    mix: Optional[str] = typer.Option(None, "--mix", help="Also evaluate a weighted combination, e.g. sql=0.5,json=0.5."),
     max_rows: Optional[int] = typer.Option(None, "--max-rows", min=1),
     sql: bool = typer.Option(False, "--sql", help="Also run generated and reference SQL on an in-memory SQLite database and compare results."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the results as JSON too."),
@@ -224,22 +225,28 @@ def evaluate(
     adapters_dir: Optional[str] = AdaptersDirOpt,
 ) -> None:
     """Loss, perplexity and exact match of the base and adapters, side by side."""
-    if not adapter:
-        raise QloraError("name what to evaluate: --adapter none --adapter sql ...")
+    if not adapter and not mix:
+        raise QloraError("name what to evaluate: --adapter none --adapter sql ... or --mix sql=0.5,json=0.5")
     from rich.console import Console
     from rich.table import Table
 
     from qlora_cli import evaluate as evaluate_stage
-    from qlora_cli.generate import open_session
+    from qlora_cli.generate import MIX, open_session, parse_mix
+    from qlora_cli.recipe import local_or_hub
 
-    session = open_session(adapter, base=base, home=adapters_dir)
-    names = [name if name == "none" else Path(name).name for name in adapter]
-    results = evaluate_stage.run(session, data, names, sql=sql, max_rows=max_rows, out=out)
+    resolved_data = local_or_hub(data, Path.cwd())  # a file relative to here, or a hub dataset id
+    if resolved_data is None:
+        raise QloraError(f"--data: file not found: {data}")
+    weights = parse_mix(mix) if mix else None
+    session = open_session(adapter, mix=weights, base=base, home=adapters_dir)
+    names = [name if name == "none" else Path(name).name for name in adapter] + ([MIX] if mix else [])
+    results = evaluate_stage.run(session, resolved_data, names, sql=sql, max_rows=max_rows, out=out)
     table = Table(title=f"{data} on {session.base_id}")
     for column in ("adapter", "examples", "loss", "perplexity", "exact match", *(["execution match"] if sql else [])):
         table.add_column(column, justify="left" if column == "adapter" else "right")
     for result in results:
-        cells = [result["adapter"], str(result["examples"]), f"{result['loss']:.3f}", f"{result['perplexity']:.2f}", f"{100 * result['exact_match']:.1f}%"]
+        label = f"mix {mix}" if mix and result["adapter"] == MIX else result["adapter"]
+        cells = [label, str(result["examples"]), f"{result['loss']:.3f}", f"{result['perplexity']:.2f}", f"{100 * result['exact_match']:.1f}%"]
         if sql:
             cells.append(f"{100 * result['execution_match']:.1f}%")
         table.add_row(*cells)

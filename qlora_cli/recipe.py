@@ -262,7 +262,7 @@ def _resolve_paths(data: dict, base: Path) -> list[str]:
         value = node.get(key) if isinstance(node, dict) else None
         if not isinstance(value, str) or not (always or _looks_like_file(value)):
             continue
-        resolved = _local_or_hub(value, base)
+        resolved = local_or_hub(value, base)
         if resolved is None:
             problems.append(f"{section}.{key}: {'folder' if section == 'model' else 'file'} not found: {value}")
         else:
@@ -274,7 +274,7 @@ def _looks_like_file(value: str) -> bool:
     return Path(value).suffix.lower() in {".jsonl", ".json", ".csv", ".parquet"}
 
 
-def _local_or_hub(value: str, base: Path) -> str | None:
+def local_or_hub(value: str, base: Path) -> str | None:
     """An existing path (relative to the recipe first) is local; './x', '/x' or 'x.jsonl' must exist; else a hub id."""
     for candidate in (base / value, Path(value)):
         if candidate.exists():

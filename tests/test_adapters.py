@@ -125,3 +125,20 @@ def test_merged_model_scores_what_the_adapter_scores(trained_adapters, session, 
     merged_score, merged_answers = exact_match(merged_session, SQL, "sql")
     assert merged_score == adapter_score
     assert sum(a == b for a, b in zip(adapter_answers, merged_answers)) >= len(SQL) - 1
+
+
+def test_eval_puts_base_adapter_and_mix_in_one_table_and_json(trained_adapters, capsys, monkeypatch, tmp_path):
+    out = tmp_path / "eval.json"
+    monkeypatch.chdir(TINY.parent.parent)  # the README's relative path, as a user types it
+    code, printed, err = run_cli(
+        ["eval", "--data", "recipes/tiny/sql/test.jsonl", "--max-rows", "20", "-a", "none", "-a", "sql",
+         "--mix", "sql=0.9,json=0.1", "--sql", "--out", str(out), "--adapters-dir", str(trained_adapters)],
+        capsys, monkeypatch,
+    )
+    assert code == 0, err
+    assert "exact match" in printed and "execution match" in printed and "mix sql=0.9,json=0.1" in printed
+    results = {row["adapter"]: row for row in json.loads(out.read_text())["results"]}
+    assert list(results) == ["none", "sql", "mix"] and all(row["examples"] == 20 for row in results.values())
+    assert results["sql"]["exact_match"] > results["none"]["exact_match"] and results["sql"]["loss"] < results["none"]["loss"]
+    # Same queries can differ in text yet return the same rows, never the reverse.
+    assert all(row["execution_match"] >= row["exact_match"] for row in results.values())

@@ -121,3 +121,10 @@ def test_force_never_replaces_a_folder_qlora_did_not_make(tmp_path, tiny_base, c
     assert code == 1 and "was not written by qlora" in err
     assert (mine / "thesis.txt").read_text() == "irreplaceable"
     assert json.loads(json.dumps(sorted(p.name for p in mine.iterdir()))) == ["thesis.txt"]
+
+
+def test_eval_names_a_missing_data_file_before_loading_anything(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["eval", "--data", "held-out.jsonl", "-a", "none", "--adapters-dir", str(tmp_path)], capsys, monkeypatch)
+    assert code == 1 and "--data: file not found: held-out.jsonl" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

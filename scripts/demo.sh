@@ -29,7 +29,7 @@ step qlora train recipes/tiny-json.yaml --force
 step qlora adapters list
 step qlora eval --data recipes/tiny/sql/test.jsonl -a none -a sql -a json --mix sql=0.5,json=0.5 --sql --out runs/eval-sql.json
 step qlora eval --data recipes/tiny/json/test.jsonl -a none -a sql -a json --mix sql=0.5,json=0.5 --out runs/eval-json.json
-step qlora generate --compare -a sql -a json "Which title has the lowest seconds in songs?" --input "table songs (title, artist, album, plays, seconds)"
+step qlora generate --compare -a sql -a json "Which model has the highest seats in cars?" --input "table cars (model, brand, color, price, seats)"
 step qlora generate -a sql -a json --prompts recipes/tiny/demo-prompts.jsonl
 step qlora generate --mix sql=0.5,json=0.5 "Extract the order as JSON." --input "Order 17 yellow rugs for the Dublin store."
 echo

@@ -40,11 +40,25 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 
 # torch first, so the package's `torch>=2.4` requirement is already met and pulls nothing more.
 installed=$("$venv/bin/python" -c 'import torch; print(torch.__version__)' 2>/dev/null || true)
-if [[ "$installed" == "$torch_version"* ]] && { [ "$mode" = cuda ] || [[ "$installed" == *+cpu ]]; }; then
+# A CPU build is "+cpu"; the CUDA build from PyPI carries no local label (or "+cuXYZ" from PyTorch's index).
+if [[ "$installed" == "$torch_version"* ]] && { { [ "$mode" = cuda ] && [[ "$installed" != *+cpu ]]; } || { [ "$mode" = cpu ] && [[ "$installed" == *+cpu ]]; }; }; then
   echo "torch $installed already installed"
 elif [ "$mode" = cuda ]; then
+  if [[ "$installed" == *+cpu ]]; then
+    # pip counts 2.13.0+cpu as satisfying torch==2.13.0 and would keep it: a venv first made without a
+    # visible GPU (a docker build, the CPU demo) would then train with "torch sees no CUDA GPU".
+    echo "replacing the CPU-only torch $installed with the CUDA build"
+    run "${pip[@]}" uninstall -y torch
+  fi
   # PyPI's Linux wheel of torch is the CUDA build.
   run "${pip[@]}" install "torch==$torch_version"
+  if [ "$dry_run" = 0 ]; then
+    installed=$("$venv/bin/python" -c 'import torch; print(torch.__version__)')
+    if [[ "$installed" == *+cpu ]]; then
+      echo "setup.sh: --cuda asked for the CUDA build of torch, but pip installed $installed (a CPU wheel found through pip's configuration); install torch==$torch_version from PyPI by hand" >&2
+      exit 1
+    fi
+  fi
 else
   # The CPU build (+cpu) lives on PyTorch's own index; a plain `torch` from PyPI would bring GBs of CUDA
   # libraries. A local wheel found through pip's configured find-links is used when present.

@@ -76,6 +76,33 @@ def test_setup_dry_run_cpu_prints_the_cpu_torch_install(tmp_path: Path):
     assert not (tmp_path / "venv").exists()
 
 
+def test_setup_cuda_replaces_a_cpu_only_torch(tmp_path: Path):
+    """A venv made on a box without a visible GPU holds torch 2.13.0+cpu; --cuda must not keep it."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    fake_python = venv / "bin" / "python"
+    fake_python.write_text("#!/usr/bin/env bash\necho 2.13.0+cpu\n")
+    fake_python.chmod(0o755)
+    result = run_script("setup.sh", "--dry-run", "--cuda", env={"QLORA_VENV": str(venv)})
+    assert result.returncode == 0, result.stderr
+    assert "already installed" not in result.stdout
+    assert "uninstall -y torch" in result.stdout
+    assert "install torch==2.13.0\n" in result.stdout
+    assert "liger-kernel" in result.stdout
+
+
+def test_setup_cpu_keeps_a_cpu_torch(tmp_path: Path):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    fake_python = venv / "bin" / "python"
+    fake_python.write_text("#!/usr/bin/env bash\necho 2.13.0+cpu\n")
+    fake_python.chmod(0o755)
+    result = run_script("setup.sh", "--dry-run", "--cpu", env={"QLORA_VENV": str(venv)})
+    assert result.returncode == 0, result.stderr
+    assert "torch 2.13.0+cpu already installed" in result.stdout
+    assert "install torch" not in result.stdout
+
+
 # --- train-resilient.sh ------------------------------------------------------------------------------
 
 FAKE_QLORA = """#!/usr/bin/env bash

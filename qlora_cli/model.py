@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 CPU_RECIPE = "recipes/tiny-sql.yaml"
 # Only what loading needs: configs, tokenizer files and safetensors. Never pickled *.bin weights.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+# Mistral's repos (v0.3 on) also carry `consolidated.safetensors`, the same weights in mistral-inference's
+# layout: twice the download, and transformers never reads it.
+HUB_IGNORED = ["consolidated*.safetensors"]
 
 
 def bnb_config(section: ModelSection) -> BitsAndBytesConfig | None:
@@ -55,23 +58,32 @@ def resolve_model_dir(section: ModelSection, *, weights: bool = True) -> Path:
         try:
             # The token comes from HF_TOKEN or `hf auth login`, never from the recipe.
             patterns = HUB_PATTERNS if weights else [p for p in HUB_PATTERNS if p != "*.safetensors"]
-            folder = Path(snapshot_download(section.id, revision=section.revision, allow_patterns=patterns))
+            folder = Path(snapshot_download(section.id, revision=section.revision, allow_patterns=patterns, ignore_patterns=HUB_IGNORED))
         except Exception as error:  # network, auth and missing-repo errors all surface here
             raise QloraError(f"model.id: cannot fetch {section.id!r} from the hub: {type(error).__name__}: {error}") from None
     if not (folder / "config.json").is_file():
         raise QloraError(f"model.id: {folder} has no config.json; is it a transformers model folder?")
-    if weights and not list(folder.glob("*.safetensors")):
+    if weights and not weight_files(folder):
         pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
         detail = f" (found pickle weights {', '.join(pickles)}: refused, they can run arbitrary code)" if pickles else ""
         raise QloraError(f"model.id: no .safetensors weights in {folder}{detail}")
     return folder
 
 
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files transformers loads: those the shard index names, else every one but
+    mistral-inference's `consolidated*` copy of the same weights."""
+    index = Path(model_dir) / "model.safetensors.index.json"
+    if index.is_file():
+        return [Path(model_dir) / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return sorted(path for path in Path(model_dir).glob("*.safetensors") if not path.name.startswith("consolidated"))
+
+
 def fingerprint_weights(model_dir: Path) -> str:
     """A cheap identity for a set of weights: each shard's header (names, shapes, dtypes, offsets) plus
     16 evenly spaced 64 KiB samples of its data. Same-shaped bases with different weights differ."""
     digest = hashlib.sha256()
-    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+    for shard in weight_files(model_dir):
         size = shard.stat().st_size
         with shard.open("rb") as handle:
             header_len = int.from_bytes(handle.read(8), "little")

@@ -75,7 +75,9 @@ class LoraSection(Section):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or 'all-linear' (every linear layer but the LM head, as in QLoRA)."
     )
-    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train alongside the adapter.")
+    bias: Literal["none", "all", "lora_only"] = Field(
+        "none", description="Which biases to train alongside the adapter; only 'none' can be merged or served as a plain adapter."
+    )
 
     @field_validator("name")
     @classmethod
@@ -83,6 +85,15 @@ class LoraSection(Section):
         if not ADAPTER_NAME.match(name):
             raise ValueError(f"adapter name {name!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
         return name
+
+    @field_validator("bias")
+    @classmethod
+    def _mergeable_bias(cls, bias: str) -> str:
+        # peft then saves trained copies of the base's own biases beside the LoRA factors; `qlora merge`
+        # folds only B @ A into weights, so the adapter would train fine and fail at the last step.
+        if bias != "none":
+            raise ValueError(f"{bias!r} trains the base model's biases, which qlora merge cannot fold into the base; use none")
+        return bias
 
     @field_validator("target_modules")
     @classmethod
@@ -110,6 +121,9 @@ class DataSection(Section):
         "drop", description="Examples whose whole response falls beyond max_length teach nothing: drop them with a warning, or fail."
     )
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows (quick experiments).")
+    invalid_rows: Literal["fail", "drop"] = Field(
+        "fail", description="Rows with an empty or missing field: stop naming the first (fail), or skip them all and say how many (drop)."
+    )
 
 
 class TrainSection(Section):

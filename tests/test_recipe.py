@@ -128,3 +128,14 @@ def test_translators_carry_every_field(tmp_path):
     assert str(quant.bnb_4bit_compute_dtype) == "torch.bfloat16"
     lora = lora_config(recipe.lora)
     assert (lora.r, lora.lora_alpha, set(lora.target_modules)) == (8, 16, {"q_proj"})
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_training_that_merge_cannot_carry_is_refused_before_training(tmp_path, bias):
+    message = error_of(tmp_path, minimal(tmp_path, lora={"bias": bias}))
+    assert "lora.bias" in message and "merge" in message
+
+
+def test_invalid_rows_takes_fail_or_drop(tmp_path):
+    assert load_recipe(write(tmp_path, yaml.safe_dump(minimal(tmp_path)))).data.invalid_rows == "fail"
+    assert "data.invalid_rows" in error_of(tmp_path, minimal(tmp_path, data={"invalid_rows": "skip"}))

@@ -87,10 +87,23 @@ class Session:
         from threading import Thread
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        worker = Thread(target=self._generate, args=([self.prompt(row, adapter)], adapter, sampling), kwargs={"streamer": streamer})
+        failures: list[BaseException] = []
+
+        def generate_into_streamer() -> None:
+            try:
+                self._generate([self.prompt(row, adapter)], adapter, sampling, streamer=streamer)
+            except BaseException as error:  # noqa: BLE001 - handed to the reading thread, which re-raises it
+                failures.append(error)
+                # transformers ends the stream only when generation succeeds: without this the reader
+                # below would wait forever on a CUDA OOM or any other error in this thread.
+                streamer.end()
+
+        worker = Thread(target=generate_into_streamer, name=f"generate-{adapter}", daemon=True)
         worker.start()
         yield from streamer
         worker.join()
+        if failures:
+            raise generation_error(failures[0], adapter) from failures[0]
 
     @torch.inference_mode()
     def _generate(self, prompts: list[str], adapter: str, sampling: Sampling, streamer=None) -> list[str]:
@@ -108,6 +121,16 @@ class Session:
             output = self.model.generate(**kwargs)
         new_tokens = output[:, batch["input_ids"].shape[1] :]
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def generation_error(error: BaseException, adapter: str) -> QloraError:
+    """One message for a generation that raised, with the fix for the common case (out of memory)."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return QloraError(
+            f"generation with adapter {adapter!r} ran out of memory ({str(error).splitlines()[0] if str(error) else type(error).__name__}); "
+            "lower --max-new-tokens, use fewer adapters at once, or free the GPU"
+        )
+    return QloraError(f"generation with adapter {adapter!r} failed: {type(error).__name__}: {error}")
 
 
 def parse_mix(spec: str) -> dict[str, float]:

@@ -1,0 +1,62 @@
+"""Generation on the real stack: errors raised inside the generation thread reach the caller."""
+
+import threading
+
+import pytest
+import torch
+
+from qlora_cli.errors import QloraError
+from qlora_cli.generate import BASE, Sampling, open_session
+
+pytestmark = pytest.mark.pipeline
+
+
+@pytest.fixture(scope="module")
+def base_session(tiny_base):
+    return open_session([BASE], base=str(tiny_base))
+
+
+def stream_in_thread(session, row, adapter, sampling):
+    """Drain session.stream in a thread; a regression then fails the test instead of hanging the suite."""
+    outcome: dict = {}
+
+    def drain():
+        try:
+            outcome["text"] = "".join(session.stream(row, adapter, sampling))
+        except BaseException as error:  # noqa: BLE001
+            outcome["error"] = error
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    reader.join(timeout=300)
+    assert not reader.is_alive(), "session.stream never returned after generation raised"
+    return outcome
+
+
+@pytest.mark.parametrize("failure", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), RuntimeError("device-side assert")])
+def test_an_error_inside_generation_surfaces_instead_of_hanging(base_session, failure):
+    calls = []
+
+    def fail_on_third_forward(module, args, output):
+        calls.append(1)
+        if len(calls) == 3:  # after two tokens have been streamed
+            raise failure
+
+    handle = base_session.model.register_forward_hook(fail_on_third_forward)
+    try:
+        outcome = stream_in_thread(base_session, {"instruction": "List all users."}, BASE, Sampling(max_new_tokens=16))
+    finally:
+        handle.remove()
+    error = outcome.get("error")
+    assert isinstance(error, QloraError), outcome
+    assert "'none'" in str(error)
+    if isinstance(failure, torch.OutOfMemoryError):
+        assert "out of memory" in str(error) and "--max-new-tokens" in str(error)
+    else:
+        assert "device-side assert" in str(error)
+
+
+def test_streaming_still_yields_the_answer(base_session):
+    outcome = stream_in_thread(base_session, {"instruction": "List all users."}, BASE, Sampling(max_new_tokens=8))
+    assert "error" not in outcome
+    assert outcome["text"].strip() == base_session.ask([{"instruction": "List all users."}], BASE, Sampling(max_new_tokens=8))[0]

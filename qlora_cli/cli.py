@@ -207,7 +207,7 @@ def merge(
         adapter, out, source=source, dtype=dtype, base=base, home=adapters_dir, force=force,
         allow_base_mismatch=allow_base_mismatch, verify=verify, tolerance=tolerance,
     )
-    verified = "not verified" if summary["max_logit_diff"] is None else (
+    verified = f"NOT verified: {summary['unverified_reason']}" if not summary["verified"] else (
         f"largest logit difference {summary['max_logit_diff']:.2e} ({100 * summary['relative_logit_diff']:.2f}% of the largest logit)"
     )
     typer.echo(f"merged {adapter} into {summary['merged']} ({summary['source']} base, {summary['dtype']}, {summary['shards']} shard(s)); {verified}")

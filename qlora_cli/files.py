@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator
 
 from qlora_cli.errors import QloraError
+
+log = logging.getLogger(__name__)
 
 # Every directory the tool writes carries this file; `--force` replaces only directories that have it,
 # so a mistyped path can never wipe a user's own folder.
@@ -33,14 +37,44 @@ def check_new_output(path: Path, what: str, *, force: bool) -> None:
         raise QloraError(f"{what}: {path} exists and was not written by qlora (no {MARKER}); not replacing it, even with --force")
 
 
+def process_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_staging(dest: Path) -> list[Path]:
+    """Remove the hidden staging folders that writes of `dest` left behind when their process was killed
+    (kill -9, a preempted box): nothing else ever would, and a 70B merge leaves up to 140 GB of them.
+    Only folders whose process no longer runs go; a write still in progress keeps its own."""
+    pattern = re.compile(rf"^\.{re.escape(dest.name)}\.(partial|replaced)-(\d+)$")
+    removed = []
+    if not dest.parent.is_dir():
+        return removed
+    for leftover in dest.parent.iterdir():
+        match = pattern.match(leftover.name)
+        if not match or not leftover.is_dir() or process_is_running(int(match.group(2))):
+            continue
+        size = sum(f.stat().st_size for f in leftover.rglob("*") if f.is_file())
+        shutil.rmtree(leftover, ignore_errors=True)
+        log.warning("removed %s (%.1f MiB), left by process %s that no longer runs", leftover, size / 2**20, match.group(2))
+        removed.append(leftover)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(dest: Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling to fill; on success it becomes `dest` in one rename, on failure it vanishes."""
     dest = Path(dest)
     check_new_output(dest, str(dest), force=force)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(dest)
     staging = dest.parent / f".{dest.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)  # our own leftover from a crashed run with this pid
+    shutil.rmtree(staging, ignore_errors=True)  # a leftover of an earlier process that had our pid
     staging.mkdir()
     try:
         yield staging

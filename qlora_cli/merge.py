@@ -11,16 +11,22 @@ Two choices of base weights to merge into:
 
 Memory: shards are merged one after the other, and inside a shard one tensor at a time is read,
 merged and written, so the merge needs the adapter plus the largest tensor and its fp32 temporaries,
-never the whole model, nor even a whole shard. Verification loads the reference (base+adapter) and
-then the merged model, one after the other, so it needs one whole model's memory: it lies outside
-that bound, and `verify=False` skips it.
+never the whole model, nor even a whole shard. Verification loads the reference (base+adapter, in
+4-bit: what training already fitted) and then the merged model, one after the other; the merged model
+is placed within the free GPU memory, then the free RAM, and the rest is offloaded to disk layer by
+layer, so verifying never needs more memory than the box has. If it still runs out, the merge is kept,
+recorded as unverified, and the user is told so; a merge is never deleted because checking it failed
+to fit.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import os
 import math
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +39,7 @@ from safetensors.torch import load_file
 from qlora_cli import adapters
 from qlora_cli.errors import QloraError
 from qlora_cli.files import atomic_directory, check_new_output
-from qlora_cli.model import base_model_record, check_device, load_model, resolve_model_dir
+from qlora_cli.model import base_model_record, check_device, load_model, resolve_model_dir, weight_files
 from qlora_cli.prompts import render_prompt
 from qlora_cli.recipe import ModelSection
 
@@ -97,11 +103,14 @@ def run(
     allow_base_mismatch: bool = False,
     verify: bool = True,
     tolerance: float | None = None,
+    verify_memory: dict[int | str, int] | None = None,
 ) -> dict:
     """Merge `adapter` into its base and write the result to `out`; return a summary.
 
     `tolerance` bounds the largest logit difference against base+adapter, relative to the largest
-    reference logit; None picks the default for the dtype compared (DEFAULT_TOLERANCE)."""
+    reference logit; None picks the default for the dtype compared (DEFAULT_TOLERANCE). `verify_memory`
+    caps what the merged model may occupy while verified ({device: bytes}, as accelerate's max_memory);
+    None measures what is free."""
     started = time.monotonic()
     out = Path(out)
     adapter_dir = adapters.find_adapter(adapter, home)
@@ -109,11 +118,11 @@ def run(
     metadata = adapters.read_metadata(adapter_dir)
     section = base_section(adapter_dir, base)
     if source not in ("nf4", "original"):
-        raise QloraError(f"--source {source!r}: use nf4 (the 4-bit weights the adapter trained on) or original")
+        raise QloraError(f"--from {source!r}: use nf4 (the 4-bit weights the adapter trained on) or original")
     if source == "nf4" and not section.load_in_4bit:
         raise QloraError(
             f"adapter {adapter_dir.name!r} was trained on a 16-bit base (model.load_in_4bit: false), so there is no "
-            "4-bit round trip to reproduce; merge with --source original"
+            "4-bit round trip to reproduce; merge with --from original"
         )
     out_dtype = parse_dtype(dtype or section.compute_dtype)
     model_dir = resolve_model_dir(section)
@@ -146,7 +155,10 @@ def run(
             log.info("shard %d/%d %s written (%.1f MiB)", number, len(shards), shard, sizes[shard] / 2**20)
         del adapter_weights
         write_model_files(model_dir, adapter_dir, staging, section, base_config, out_dtype, sizes)
-        check = verify_merge(staging, adapter_dir, model_dir, section, source, out_dtype, metadata, tolerance) if verify else {}
+        if verify:
+            check = verify_merge(staging, adapter_dir, model_dir, section, source, out_dtype, metadata, tolerance, verify_memory)
+        else:
+            check = {"verified": False, "unverified_reason": "skipped (--no-verify)"}
         adapters.write_metadata(
             staging,
             kind="merged",
@@ -166,6 +178,8 @@ def run(
         "lora_updates": len(updates),
         "max_logit_diff": check.get("max_logit_diff"),
         "relative_logit_diff": check.get("relative_logit_diff"),
+        "verified": check["verified"],
+        "unverified_reason": check.get("unverified_reason"),
         "seconds": round(time.monotonic() - started, 1),
     }
     log.info("merged model written to %s", out)
@@ -283,7 +297,7 @@ def nf4_weight_specs(model_dir: Path, section: ModelSection, base_keys: set[str]
     if renamed:
         raise QloraError(
             f"base {section.id}: its checkpoint names {len(renamed)} quantized weights differently from the model "
-            f"(e.g. {renamed[0]}), so the 4-bit round trip cannot be reproduced shard by shard; merge with --source original"
+            f"(e.g. {renamed[0]}), so the 4-bit round trip cannot be reproduced shard by shard; merge with --from original"
         )
     return specs
 
@@ -293,7 +307,7 @@ def shard_files(model_dir: Path) -> list[str]:
     index = model_dir / INDEX
     if index.is_file():
         return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    files = [path.name for path in weight_files(model_dir)]
     if len(files) != 1:
         raise QloraError(f"base {model_dir}: {len(files)} safetensors files but no {INDEX} saying how they fit together")
     return files
@@ -427,8 +441,10 @@ def verify_merge(
     out_dtype: torch.dtype,
     metadata: dict,
     tolerance: float | None,
+    memory: dict[int | str, int] | None = None,
 ) -> dict:
-    """Compare the merged model's logits with base+adapter's on a few prompts; raise if they differ."""
+    """Compare the merged model's logits with base+adapter's on a few prompts; raise if they differ.
+    Running out of memory while checking is not a failed merge: it returns verified false and why."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -437,12 +453,25 @@ def verify_merge(
     device = check_device(section.model_copy(update={"device": "auto"}))  # merging needs no GPU, whatever training ran on
     # The reference is exactly what `qlora generate` runs: the 4-bit base (or the 16-bit one) plus the adapter.
     reference_section = section if source == "nf4" else section.model_copy(update={"load_in_4bit": False})
-    reference = PeftModel.from_pretrained(load_model(reference_section, model_dir, device=device), str(adapter_dir))
-    use_exact_4bit_matmul(reference)
-    expected = model_logits(reference, prompts)
-    del reference  # one model in memory at a time
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=out_dtype, device_map={"": device} if device.type == "cuda" else None)
-    actual = model_logits(merged, prompts)
+    try:
+        reference = PeftModel.from_pretrained(load_model(reference_section, model_dir, device=device), str(adapter_dir))
+        use_exact_4bit_matmul(reference)
+        expected = model_logits(reference, prompts)
+        del reference  # one model in memory at a time
+        release_memory()
+        with tempfile.TemporaryDirectory(prefix=".verify-offload-", dir=merged_dir) as offload:
+            merged = AutoModelForCausalLM.from_pretrained(
+                merged_dir, dtype=out_dtype, device_map="auto", max_memory=memory or free_memory(device), offload_folder=offload
+            )
+            placed = sorted({str(where) for where in (getattr(merged, "hf_device_map", None) or {"": device.type}).values()})
+            log.info("verifying the merged model on %s", ", ".join(placed))
+            actual = model_logits(merged, prompts)
+            del merged
+    except (torch.OutOfMemoryError, MemoryError) as error:
+        release_memory()
+        reason = f"out of memory while verifying on {device.type}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        log.warning("the merged model is complete but NOT verified (%s); check it on a box with more memory", reason)
+        return {"verified": False, "unverified_reason": reason}
 
     max_diff = max((a - e).abs().max().item() for a, e in zip(actual, expected))
     scale = max(e.abs().max().item() for e in expected)
@@ -459,7 +488,35 @@ def verify_merge(
             f"({100 * relative:.3g}% of the largest logit, allowed {100 * allowed:.3g}%); nothing was written. "
             "Check the base model and the adapter, or merge with a wider --dtype"
         )
-    return {"max_logit_diff": float(f"{max_diff:.4g}"), "relative_logit_diff": float(f"{relative:.4g}"), "tolerance": allowed}
+    return {"verified": True, "max_logit_diff": float(f"{max_diff:.4g}"), "relative_logit_diff": float(f"{relative:.4g}"), "tolerance": allowed}
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # otherwise the caching allocator keeps the reference's memory from the merged model
+
+
+def free_memory(device: torch.device) -> dict[int | str, int]:
+    """What the merged model may occupy while verified, as accelerate's max_memory: most of the free GPU
+    memory, then most of the available RAM; accelerate offloads the remaining layers to disk."""
+    budget: dict[int | str, int] = {}
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget[device.index or 0] = max(0, int(free * 0.9) - 2**30)  # a GiB for activations and logits
+    budget["cpu"] = int(available_ram() * 0.8)
+    return budget
+
+
+def available_ram() -> int:
+    """Bytes of RAM the kernel can hand out without swapping (Linux's MemAvailable), else physical RAM."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def use_exact_4bit_matmul(model: torch.nn.Module) -> None:
@@ -487,4 +544,7 @@ def verification_inputs(tokenizer, template: str) -> list[torch.Tensor]:
 @torch.inference_mode()
 def model_logits(model, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
     model.eval()
-    return [model(input_ids=ids.to(model.device)).logits.float().cpu() for ids in prompts]
+    # A model dispatched over GPU, CPU and disk moves inputs itself; its `device` may then read "meta".
+    device = model.get_input_embeddings().weight.device
+    device = device if device.type != "meta" else torch.device("cpu")
+    return [model(input_ids=ids.to(device)).logits.float().cpu() for ids in prompts]

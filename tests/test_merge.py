@@ -188,13 +188,45 @@ def test_bf16_merge_passes_its_default_tolerance_and_a_failed_check_leaves_nothi
     assert not list(workspace.glob(".merged-bf16-strict*"))
 
 
+def test_verification_within_a_small_memory_budget_offloads_and_agrees(workspace, merged_nf4, caplog):
+    """Verification never needs the whole merged model in memory: with room for almost nothing, the
+    layers stream from disk and the check gives the figure it gives with room to spare."""
+    out = workspace / "merged-nf4-budget"
+    with caplog.at_level("INFO", logger="qlora_cli.merge"):
+        summary = merge.run(str(workspace / "adapter-fp32"), out, verify_memory={"cpu": 64 * 1024})
+    assert "verifying the merged model on" in caplog.text and "disk" in caplog.text
+    assert summary["verified"] is True
+    assert summary["max_logit_diff"] == pytest.approx(merged_nf4[1]["max_logit_diff"], rel=1e-3, abs=1e-6)
+    assert not list(out.glob(".verify-offload-*"))  # the offload folder does not ship with the model
+
+
+def test_verification_that_runs_out_of_memory_keeps_the_merge_marked_unverified(workspace, monkeypatch):
+    """An OOM while checking (a 14B merged in bf16 on a 24 GB card) must not delete a finished merge."""
+    out = workspace / "merged-oom"
+    calls = []
+
+    def out_of_memory_on_the_merged_model(model, prompts):
+        calls.append(model)
+        if len(calls) == 2:  # the reference ran; the merged model does not fit
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 27.00 GiB")
+        return real_model_logits(model, prompts)
+
+    real_model_logits = merge.model_logits
+    monkeypatch.setattr(merge, "model_logits", out_of_memory_on_the_merged_model)
+    summary = merge.run(str(workspace / "adapter-fp32"), out)
+    assert summary["verified"] is False and "out of memory" in summary["unverified_reason"]
+    record = json.loads((out / "qlora.json").read_text())
+    assert record["verified"] is False and "out of memory" in record["unverified_reason"]
+    assert AutoModelForCausalLM.from_pretrained(out) is not None  # complete and loadable
+
+
 def test_nf4_source_is_refused_for_an_adapter_trained_on_a_16bit_base(workspace):
     adapter = workspace / "adapter-16bit-base"
     shutil.copytree(workspace / "adapter-fp32", adapter)
     recipe = yaml.safe_load((adapter / "recipe.yaml").read_text())
     recipe["model"] = {"id": recipe["model"]["id"], "load_in_4bit": False}
     (adapter / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    with pytest.raises(QloraError, match="--source original"):
+    with pytest.raises(QloraError, match="--from original"):
         merge.run(str(adapter), workspace / "merged-16bit-base")
 
 

@@ -2,7 +2,9 @@
 
 We tokenize ourselves rather than let the trainer do it, so that the loss mask is ours to show
 (`--dry-run`), EOS is always a label (even when pad = EOS), and a response cut off by
-`max_length` is counted instead of silently training on nothing.
+`max_length` is counted instead of silently training on nothing. Prompt and completion are
+tokenized together, and the model learns the tokens that follow the prompt's own: the ones it
+must produce after `generate` feeds it that prompt.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +21,13 @@ from transformers import PreTrainedTokenizerBase
 
 from qlora_cli.errors import QloraError
 from qlora_cli.prompts import render_example
-from qlora_cli.recipe import DataSection, is_local
+from qlora_cli.recipe import DataSection, TrainSection, is_local
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value the loss skips (prompt tokens)
 REQUIRED_FIELDS = ("instruction", "output")
+DEFAULT_SEED: int = TrainSection.model_fields["seed"].default  # train.seed's default; the schema stays its only home
 
 
 @dataclass(frozen=True)
@@ -96,55 +100,139 @@ def _read_json(path: Path) -> list[dict]:
     return data
 
 
-def check_rows(rows: list[dict], source: str) -> None:
-    """Every row must be an object with non-empty string instruction and output; input is optional."""
+def row_problem(row: object) -> str | None:
+    """Why a row cannot train (None when it can): it must be an object with non-empty string instruction
+    and output; input is optional text."""
+    if not isinstance(row, dict):
+        return f"expected an object with instruction/input/output, got {type(row).__name__}"
+    missing = [field for field in REQUIRED_FIELDS if not isinstance(row.get(field), str) or not row[field].strip()]
+    if missing:
+        return f"missing or empty field(s) {', '.join(missing)} (alpaca rows need instruction and output)"
+    if row.get("input") is not None and not isinstance(row["input"], str):
+        return f"field input must be text, got {type(row['input']).__name__}"
+    return None
+
+
+def check_rows(rows: list[dict], source: str, fix: str = "") -> None:
+    """Stop at the first row that cannot train, naming it (and the fix, when the caller has one)."""
     for number, row in enumerate(rows, start=1):
-        if not isinstance(row, dict):
-            raise QloraError(f"{source}: row {number}: expected an object with instruction/input/output, got {type(row).__name__}")
-        missing = [field for field in REQUIRED_FIELDS if not isinstance(row.get(field), str) or not row[field].strip()]
-        if missing:
-            raise QloraError(f"{source}: row {number}: missing or empty field(s) {', '.join(missing)} (alpaca rows need instruction and output)")
-        if row.get("input") is not None and not isinstance(row["input"], str):
-            raise QloraError(f"{source}: row {number}: field input must be text, got {type(row['input']).__name__}")
+        problem = row_problem(row)
+        if problem:
+            raise QloraError(f"{source}: row {number}: {problem}{fix}")
+
+
+def valid_rows(rows: list[dict], source: str, invalid_rows: str) -> list[dict]:
+    """data.invalid_rows: 'fail' stops at the first bad row; 'drop' skips every bad row and says how many."""
+    if invalid_rows == "fail":
+        check_rows(rows, source, fix="; fix the row, or set data.invalid_rows: drop to skip such rows")
+        return rows
+    kept, first_bad = [], None
+    for number, row in enumerate(rows, start=1):
+        problem = row_problem(row)
+        if problem is None:
+            kept.append(row)
+        elif first_bad is None:
+            first_bad = f"row {number}: {problem}"
+    if first_bad is None:
+        return rows
+    if not kept:
+        raise QloraError(f"{source}: none of its {len(rows)} rows can train (first: {first_bad}); check data.path and data.columns")
+    log.warning("data.invalid_rows: dropping %d of %d rows of %s (first: %s)", len(rows) - len(kept), len(rows), source, first_bad)
+    return kept
 
 
 def tokenize_example(prompt: str, completion: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict:
     """Prompt tokens are context only (label -100); the completion and its EOS are what the model learns."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    input_ids = (prompt_ids + completion_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length]
-    return {"input_ids": input_ids, "labels": labels}
+    return tokenize_examples([prompt], [completion], tokenizer, max_length)[0]
 
 
-def build_dataset(section: DataSection, tokenizer: PreTrainedTokenizerBase) -> TrainingData:
+def tokenize_examples(prompts: list[str], completions: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[dict]:
+    """Tokenize prompt + completion together and learn what follows the prompt's own tokens.
+
+    The prompt's ids are taken as `generate` makes them (add_special_tokens=True: BOS where the tokenizer adds
+    one), and the completion's are the ids that follow them in the joint tokenization: exactly what the model
+    must produce after that prompt at inference. Tokenizing the completion alone would differ: SentencePiece
+    puts '▁' in front of text that starts a string ('▁SE LECT' where the joint text gives 'SELECT').
+    """
+    prompt_batch = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    joint_batch = tokenizer([prompt + completion for prompt, completion in zip(prompts, completions)], add_special_tokens=True)["input_ids"]
+    examples = []
+    for prompt, completion, prompt_ids, joint_ids in zip(prompts, completions, prompt_batch, joint_batch):
+        if joint_ids[: len(prompt_ids)] == prompt_ids:
+            context, response = prompt_ids, joint_ids[len(prompt_ids) :]
+        else:
+            context, response = _split_merged_boundary(prompt, completion, prompt_ids, joint_ids, tokenizer)
+        response = response + [tokenizer.eos_token_id]  # always a label, also when pad = EOS
+        examples.append(
+            {"input_ids": (context + response)[:max_length], "labels": ([IGNORE_INDEX] * len(context) + response)[:max_length]}
+        )
+    return examples
+
+
+def _split_merged_boundary(
+    prompt: str, completion: str, prompt_ids: list[int], joint_ids: list[int], tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], list[int]]:
+    r"""(context, response) when a joint token straddles the prompt's end, e.g. tekken (byte-level BPE)
+    merging the prompt's final ':\n' with a completion's leading '\n' into one ':\n\n' token.
+
+    Generate feeds the prompt's own ids, so we keep them as the context and learn the completion as it
+    continues from there: the completion's characters inside the straddling token, tokenized alone, then
+    the joint tokens that start at or after the boundary. That split is taken only if it decodes to the
+    same text as the joint tokenization: tokenized alone, a SentencePiece fragment gains a spurious '▁'
+    (the very defect this module avoids). Otherwise the joint tokens are kept whole and learning starts
+    where they part from the prompt's tokens: every completion character is learned, and so is the piece
+    of prompt that the merge re-cut (usually one token), which generate's prompt ids cut differently.
+    """
+    if getattr(tokenizer, "is_fast", False):  # offsets need a fast tokenizer
+        offsets = tokenizer(prompt + completion, add_special_tokens=True, return_offsets_mapping=True)["offset_mapping"]
+        boundary = len(prompt)
+        after = next((index for index, (start, end) in enumerate(offsets) if start >= boundary and end > start), len(offsets))
+        gap_end = offsets[after][0] - boundary if after < len(offsets) else len(completion)
+        gap_ids = tokenizer(completion[:gap_end], add_special_tokens=False)["input_ids"] if gap_end > 0 else []
+        response = gap_ids + joint_ids[after:]
+        if tokenizer.decode(prompt_ids + response) == tokenizer.decode(joint_ids):
+            return prompt_ids, response
+    shared = next((index for index, (a, b) in enumerate(zip(prompt_ids, joint_ids)) if a != b), min(len(prompt_ids), len(joint_ids)))
+    return joint_ids[:shared], joint_ids[shared:]
+
+
+def build_dataset(section: DataSection, tokenizer: PreTrainedTokenizerBase, *, seed: int = DEFAULT_SEED) -> TrainingData:
+    """Rows -> tokenized training (and evaluation) examples. `seed` (train.seed) picks the eval_fraction hold-out."""
     rows = rename_columns(read_rows(section.path, split=section.split, max_rows=section.max_rows), section.columns)
-    check_rows(rows, section.path)
+    rows = valid_rows(rows, section.path, section.invalid_rows)
     eval_rows: list[dict] | None = None
     if section.eval_path is not None:
         eval_source = section.eval_path if is_local(section.eval_path) else section.path
         eval_split = "train" if is_local(section.eval_path) else section.eval_path
         eval_rows = rename_columns(read_rows(eval_source, split=eval_split), section.columns)
-        check_rows(eval_rows, section.eval_path)
+        eval_rows = valid_rows(eval_rows, section.eval_path, section.invalid_rows)
     elif section.eval_fraction > 0:
-        held_out = max(1, int(len(rows) * section.eval_fraction))
-        rows, eval_rows = rows[:-held_out], rows[-held_out:]
+        rows, eval_rows = hold_out(rows, section.eval_fraction, seed)
     train, dropped = _tokenize_rows(rows, section, tokenizer, "training")
     evaluation = _tokenize_rows(eval_rows, section, tokenizer, "evaluation")[0] if eval_rows else None
     return TrainingData(train=train, eval=evaluation, dropped=dropped)
+
+
+def hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval): a seeded random sample of the rows is held out, each side in file order. Hub datasets
+    are often sorted (by source, length or date), so their tail is no fair sample of the rest."""
+    held_out = max(1, int(len(rows) * fraction))
+    if held_out >= len(rows):
+        raise QloraError(f"data.eval_fraction: holding out {held_out} of {len(rows)} rows leaves none to train on; lower it or set data.eval_path")
+    chosen = set(random.Random(seed).sample(range(len(rows)), held_out))
+    return [row for index, row in enumerate(rows) if index not in chosen], [row for index, row in enumerate(rows) if index in chosen]
 
 
 def _tokenize_rows(rows: list[dict], section: DataSection, tokenizer: PreTrainedTokenizerBase, what: str) -> tuple[Dataset, int]:
     columns = {field: [str(row.get(field) or "") for row in rows] for field in ("instruction", "input", "output")}
 
     def tokenize_batch(batch: dict) -> dict:
-        out: dict[str, list] = {"input_ids": [], "labels": []}
-        for instruction, context, output in zip(batch["instruction"], batch["input"], batch["output"]):
-            example = render_example({"instruction": instruction, "input": context, "output": output}, section.template, section.task)
-            tokens = tokenize_example(example["prompt"], example["completion"], tokenizer, section.max_length)
-            out["input_ids"].append(tokens["input_ids"])
-            out["labels"].append(tokens["labels"])
-        return out
+        rendered = [
+            render_example({"instruction": instruction, "input": context, "output": output}, section.template, section.task)
+            for instruction, context, output in zip(batch["instruction"], batch["input"], batch["output"])
+        ]
+        examples = tokenize_examples([r["prompt"] for r in rendered], [r["completion"] for r in rendered], tokenizer, section.max_length)
+        return {"input_ids": [example["input_ids"] for example in examples], "labels": [example["labels"] for example in examples]}
 
     workers = min(os.cpu_count() or 1, 8) if len(rows) >= 20_000 else None
     dataset = Dataset.from_dict(columns).map(

@@ -3,9 +3,10 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from qlora_cli.data import IGNORE_INDEX, build_dataset, check_rows, read_rows, tokenize_example
+from qlora_cli.data import IGNORE_INDEX, build_dataset, check_rows, hold_out, read_rows, tokenize_example
 from qlora_cli.errors import QloraError
-from qlora_cli.recipe import DataSection
+from qlora_cli.prompts import render_example
+from qlora_cli.recipe import DataSection, TrainSection
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +97,65 @@ def test_dataset_columns_map_onto_alpaca_fields(tmp_path, tokenizer):
     learned = [label for label in example["labels"] if label != IGNORE_INDEX]
     assert tokenizer.decode(learned[:-1]) == "SELECT COUNT(*) FROM t;"
     assert "table t (a)" in tokenizer.decode(example["input_ids"])
+
+
+def test_invalid_rows_fail_names_the_first_bad_row_and_the_fix(tmp_path, tokenizer):
+    path = rows_file(tmp_path, [{"instruction": "a", "output": "b"}, {"instruction": "a", "output": " "}, {"instruction": "", "output": "b"}])
+    with pytest.raises(QloraError, match=r"row 2: missing or empty field\(s\) output .*set data.invalid_rows: drop"):
+        build_dataset(DataSection(path=str(path)), tokenizer)
+
+
+def test_invalid_rows_drop_skips_them_and_says_how_many(tmp_path, tokenizer, caplog):
+    rows = [
+        {"instruction": "How many?", "output": "SELECT 1;"},
+        {"instruction": "How many?", "output": ""},
+        ["not", "an", "object"],
+        {"output": "SELECT 2;"},
+        {"instruction": "How many?", "input": 3, "output": "SELECT 3;"},
+        {"instruction": "How many more?", "output": "SELECT 4;"},
+    ]
+    path = rows_file(tmp_path, rows)
+    with caplog.at_level("WARNING", logger="qlora_cli.data"):
+        data = build_dataset(DataSection(path=str(path), invalid_rows="drop"), tokenizer)
+    assert len(data.train) == 2
+    assert [tokenizer.decode([t for t in example["labels"] if t != IGNORE_INDEX][:-1]) for example in data.train] == ["SELECT 1;", "SELECT 4;"]
+    assert "dropping 4 of 6 rows" in caplog.text and "first: row 2: missing or empty field(s) output" in caplog.text
+
+
+def test_invalid_rows_drop_applies_to_the_eval_file_too(tmp_path, tokenizer):
+    train = rows_file(tmp_path, [{"instruction": "a", "output": "b"}])
+    evaluation = rows_file(tmp_path, [{"instruction": "a", "output": ""}, {"instruction": "c", "output": "d"}], name="e.jsonl")
+    data = build_dataset(DataSection(path=str(train), eval_path=str(evaluation), invalid_rows="drop"), tokenizer)
+    assert len(data.eval) == 1
+    with pytest.raises(QloraError, match=r"e.jsonl: row 1: missing or empty"):
+        build_dataset(DataSection(path=str(train), eval_path=str(evaluation)), tokenizer)
+
+
+def test_invalid_rows_drop_with_no_row_left_is_an_error(tmp_path, tokenizer):
+    path = rows_file(tmp_path, [{"instruction": "a"}, {"input": "x", "output": "b"}])
+    with pytest.raises(QloraError, match=r"none of its 2 rows can train \(first: row 1: missing or empty field\(s\) output"):
+        build_dataset(DataSection(path=str(path), invalid_rows="drop"), tokenizer)
+
+
+def test_eval_fraction_holds_out_a_seeded_random_sample(tmp_path, tokenizer):
+    rows = [{"instruction": f"Row {number}?", "output": f"SELECT {number};"} for number in range(40)]
+    train, held_out = hold_out(rows, 0.25, seed=7)
+    assert len(held_out) == 10 and len(train) == 30
+    assert sorted(map(str, train + held_out)) == sorted(map(str, rows)), "every row lands on exactly one side"
+    assert held_out != rows[-10:], "not the file's tail (hub datasets are often sorted)"
+    assert [rows.index(row) for row in held_out] == sorted(rows.index(row) for row in held_out), "file order kept"
+    assert hold_out(rows, 0.25, seed=7) == (train, held_out)
+    assert hold_out(rows, 0.25, seed=8)[1] != held_out
+    # build_dataset holds out that sample for the seed it is given (train.seed), and for train.seed's default.
+    section = DataSection(path=str(rows_file(tmp_path, rows)), eval_fraction=0.25)
+    expected = [tokenize_example(**render_example(row), tokenizer=tokenizer, max_length=section.max_length)["input_ids"] for row in held_out]
+    assert build_dataset(section, tokenizer, seed=7).eval["input_ids"] == expected
+    default_seed = TrainSection.model_fields["seed"].default
+    assert build_dataset(section, tokenizer).eval["input_ids"] == build_dataset(section, tokenizer, seed=default_seed).eval["input_ids"]
+    assert build_dataset(section, tokenizer, seed=8).eval["input_ids"] != expected
+
+
+def test_eval_fraction_that_leaves_no_training_row_is_an_error(tmp_path, tokenizer):
+    path = rows_file(tmp_path, [{"instruction": "a", "output": "b"}])
+    with pytest.raises(QloraError, match="data.eval_fraction: holding out 1 of 1 rows"):
+        build_dataset(DataSection(path=str(path), eval_fraction=0.5), tokenizer)

@@ -42,7 +42,7 @@ def test_dry_run_names_every_step_with_its_command_and_budget(tmp_path):
     assert commands["doctor"].endswith("-m qlora_cli doctor recipes/tiny-sql.yaml")
     assert "-m pytest -m gpu tests/test_gpu.py" in commands["gpu-tests"]
     assert "-m qlora_cli.bench_plan measure --shape mistral7b" in commands["plan-memory"]
-    assert "-m qlora_cli.bench --shape mistral7b --json" in commands["benchmark"] and "--markdown" in commands["benchmark"]
+    assert "-m qlora_cli.bench --shape mistral7b --steps 3 --json" in commands["benchmark"] and "--markdown" in commands["benchmark"]
     assert "-m qlora_cli.bench_plan report" in commands["report"] and str(tmp_path / "out") in commands["report"]
     assert "dry run ok" in out and "HF_HUB_OFFLINE=1" in out
     assert not (tmp_path / "out").exists()  # wrote nothing
@@ -233,3 +233,14 @@ def test_report_from_an_empty_work_folder_still_writes_both_files(tmp_path):
     assert bench_plan.main(["report", str(tmp_path / "work"), "--out", str(tmp_path / "out")]) == 0
     assert json.loads((tmp_path / "out" / "gpu-check.json").read_text())["steps"] == []
     assert (tmp_path / "out" / "BENCHMARKS.md").read_text().startswith("# GPU acceptance run")
+
+
+def test_report_judges_a_gpu_benchmark_by_its_own_targets(tmp_path):
+    write_work(tmp_path / "work", plan_error=0.02, failing_step=False)
+    rows = [{"arm": "tutorial", "speedup": 1.0, "memory_ratio": 1.0, "mfu": 0.2},
+            {"arm": "qlora", "speedup": 2.5, "memory_ratio": 0.5, "mfu": 0.3}]  # MFU under its 40% target
+    (tmp_path / "work" / "bench.json").write_text(json.dumps({"device": "cuda", "rows": rows}))
+    assert bench_plan.main(["report", str(tmp_path / "work"), "--out", str(tmp_path / "out")]) == 4
+    targets = json.loads((tmp_path / "out" / "gpu-check.json").read_text())["targets"]
+    judged = {target["target"].split(":")[1].split(">=")[0].split("<=")[0].strip(): target["met"] for target in targets if target["target"].startswith("benchmark:")}
+    assert judged == {"(c) real tokens/s": True, "(c) peak memory": True, "(c) MFU": False}

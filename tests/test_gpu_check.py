@@ -57,7 +57,7 @@ def test_dry_run_says_which_wheels_are_missing(tmp_path):
     assert "bitsandbytes==" in result.stdout and "lacks" in result.stdout and "trl==" not in result.stdout.split("lacks")[1].split("\n")[0]
 
 
-def test_dry_run_without_repo_files_cannot_start(tmp_path):
+def test_dry_run_without_python_cannot_start(tmp_path):
     result = run_script("gpu-check.sh", "--dry-run", env={"PYTHON": str(tmp_path / "no-python")})
     assert result.returncode == 3
     assert "cannot start" in result.stderr and "no-python" in result.stderr

@@ -109,8 +109,32 @@ def sharded_launch() -> bool:
     return any(os.environ.get(flag, "").lower() == "true" for flag in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
 
 
-def load_model(section: ModelSection, model_dir: Path, *, device: torch.device) -> PreTrainedModel:
-    """The frozen base: 4-bit through bitsandbytes, or 16-bit when load_in_4bit is false."""
+def attention_implementation(section: ModelSection, *, device: torch.device, packed: bool) -> str:
+    """The attention kernel for one load; `packed` means the model will train on padding-free packed rows.
+
+    Packed rows carry their example boundaries only in position_ids. Under SDPA transformers turns them into a dense
+    (tokens x tokens) block-diagonal mask: 256 MiB at 8 x 2048 tokens, 1 GiB at 32k, and a mask sends SDPA off its
+    flash kernels. Flex attention takes the same boundaries as a BlockMask (0.5 MiB at 8 x 2048: indices of 128-token
+    blocks) and skips every block between two examples (`python -m qlora_cli.bench_attention`). It is compiled on its
+    first call, and once more when the packed length first changes (then with dynamic shapes).
+    Generation, merge and padded batches keep SDPA: they have no boundaries to carry. CPU training keeps it too, as
+    PyTorch has no flex attention backward on CPU ("FlexAttention does not support backward on CPU").
+    """
+    choice = section.attn_implementation
+    if choice == "auto":
+        return "flex_attention" if packed and device.type == "cuda" else "sdpa"
+    if choice == "flex_attention" and packed and device.type != "cuda":
+        raise QloraError(
+            f"model.attn_implementation: flex_attention cannot train on {device.type} (torch {torch.__version__} has its "
+            "backward on CUDA only); set model.attn_implementation: auto, which uses sdpa there"
+        )
+    return choice
+
+
+def load_model(section: ModelSection, model_dir: Path, *, device: torch.device, packed: bool = False) -> PreTrainedModel:
+    """The frozen base: 4-bit through bitsandbytes, or 16-bit when load_in_4bit is false. `packed`: it will train on
+    padding-free packed rows, which picks its attention kernel (see attention_implementation)."""
+    attention = attention_implementation(section, device=device, packed=packed)
     quantization = bnb_config(section)
     log.info("loading %s %s", section.id, f"in 4-bit {section.quant_type}" if quantization else f"in {section.compute_dtype}")
     model = AutoModelForCausalLM.from_pretrained(
@@ -120,10 +144,18 @@ def load_model(section: ModelSection, model_dir: Path, *, device: torch.device) 
         # Under FSDP or DeepSpeed ZeRO-3 the launcher places (and shards) the weights; transformers
         # refuses a device map there. Otherwise each process loads onto its own GPU.
         device_map={"": device} if device.type == "cuda" and not sharded_launch() else None,
-        attn_implementation=section.attn_implementation,
+        # `auto` loads with SDPA, which nearly every architecture has, and moves to flex below where it can.
+        attn_implementation="sdpa" if section.attn_implementation == "auto" else attention,
         trust_remote_code=section.trust_remote_code,
         use_safetensors=True,
     )
+    if section.attn_implementation == "auto" and attention == "flex_attention":
+        # flex_attention_forward refuses attention dropout, and some (remote-code) architectures have no flex path.
+        if model._supports_flex_attn and not getattr(model.config, "attention_dropout", 0.0):
+            model.set_attn_implementation(attention)
+        else:
+            log.info("%s cannot use flex attention here; packed rows train with sdpa and a dense mask", type(model).__name__)
+    log.info("attention: %s", model.config._attn_implementation)
     model.config.use_cache = False
     return model
 

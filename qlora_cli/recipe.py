@@ -50,7 +50,10 @@ class ModelSection(Section):
         "uint8", description="Container dtype of packed 4-bit weights; FSDP needs it equal to compute_dtype."
     )
     trust_remote_code: bool = Field(False, description="Run modelling code from the hub repo; needs a pinned revision.")
-    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel; sdpa is torch's fused attention.")
+    attn_implementation: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = Field(
+        "auto",
+        description="Attention kernel; auto: flex attention for packed training on CUDA (no dense tokens x tokens mask), else sdpa.",
+    )
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="Where to train; 'cuda' refuses to start without a GPU.")
 
     @model_validator(mode="after")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import PreTrainedModel
 
 from qlora_cli.errors import QloraError
+from qlora_cli.model import sharded_launch
 from qlora_cli.recipe import LoraSection
 
 log = logging.getLogger(__name__)
@@ -47,22 +49,36 @@ def check_target_modules(model: torch.nn.Module, section: LoraSection) -> None:
         log.warning("lora.target_modules: %s match no layer and are ignored", ", ".join(unmatched))
 
 
-def attach_lora(model: PreTrainedModel, section: LoraSection, *, gradient_checkpointing: bool) -> PeftModel:
-    if getattr(model, "is_loaded_in_4bit", False):
+def attach_lora(model: PreTrainedModel, section: LoraSection, *, gradient_checkpointing: bool, sharded: bool | None = None) -> PeftModel:
+    """`sharded` (default: read from the launcher's environment) means FSDP or DeepSpeed ZeRO-3 will
+    shard the model: every parameter then keeps the one dtype the 4-bit weights are stored in."""
+    sharded = sharded_launch() if sharded is None else sharded
+    # PEFT under ZeRO-3 trains correctly only with reentrant checkpointing (trl#2514, as TRL enforces).
+    checkpointing = {"use_reentrant": zero3_launch()}
+    in_4bit = getattr(model, "is_loaded_in_4bit", False)
+    if in_4bit and not sharded:
         # Freezes the base, upcasts norms and embeddings to fp32 for stable training, and makes the
         # inputs require grad so checkpointed blocks still backpropagate into the adapters.
         model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
         )
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    else:
+        # Not under FSDP/ZeRO-3: they flatten each wrapped block into one buffer of one dtype ("Must flatten
+        # tensors with uniform dtype"), so norms stay in the storage dtype instead of being upcast to fp32.
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+            model.enable_input_require_grads()
     check_target_modules(model, section)
     # Trained under peft's "default" slot so the export is a plain, flat peft folder; the adapter's own
     # name lives in its directory name and qlora.json, and generate loads each under that name.
-    peft_model = get_peft_model(model, lora_config(section))
+    peft_model = get_peft_model(model, lora_config(section), autocast_adapter_dtype=not sharded)
+    if sharded:
+        storage = uniform_dtype(model)
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(storage)
     adapted = sum(1 for _, module in peft_model.named_modules() if hasattr(module, "lora_A") and "default" in module.lora_A)
     trainable, total = peft_model.get_nb_trainable_parameters()
     log.info(
@@ -70,6 +86,21 @@ def attach_lora(model: PreTrainedModel, section: LoraSection, *, gradient_checkp
         section.r, adapted, human_count(trainable), human_count(total), 100 * trainable / total,
     )
     return peft_model
+
+
+def uniform_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The one floating dtype a sharded model's frozen parameters share (4-bit storage included)."""
+    dtypes = {param.dtype for param in model.parameters() if param.is_floating_point()}
+    if len(dtypes) != 1:
+        raise QloraError(
+            f"FSDP/ZeRO-3 shard parameters of one dtype, but this model holds {', '.join(sorted(map(str, dtypes)))}; "
+            "set model.quant_storage equal to model.compute_dtype (bfloat16)"
+        )
+    return dtypes.pop()
+
+
+def zero3_launch() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
 
 
 def human_count(count: int) -> str:

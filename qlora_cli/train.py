@@ -23,8 +23,8 @@ from qlora_cli import adapters, checkpoints
 from qlora_cli.data import IGNORE_INDEX, TrainingData, build_dataset
 from qlora_cli.errors import QloraError
 from qlora_cli.files import MARKER, atomic_directory, check_new_output, refuse_dangerous_output
-from qlora_cli.lora import attach_lora, check_target_modules, human_count, lora_config
-from qlora_cli.model import base_model_record, check_device, empty_model, load_model, load_tokenizer, resolve_model_dir
+from qlora_cli.lora import attach_lora, check_target_modules, human_count, lora_config, zero3_launch
+from qlora_cli.model import base_model_record, check_device, empty_model, load_model, load_tokenizer, resolve_model_dir, sharded_launch
 from qlora_cli.recipe import Recipe
 from qlora_cli.report import RichProgress, peak_memory, plot_curves, write_report
 
@@ -117,9 +117,11 @@ class CheckpointingTrainer(SFTTrainer):
         # the exact state (a resumed run drifts from the uninterrupted one). Back to fp32, before the
         # optimizer exists: adapters are under 1% of the model, `qlora plan` counts them in fp32, and
         # under bf16 autocast their matmuls still run in bf16.
-        for param in self.model.parameters():
-            if param.requires_grad and param.dtype != torch.float32:
-                param.data = param.data.float()
+        # Not under FSDP/ZeRO-3, which shard one dtype per wrapped unit (lora.attach_lora keeps it uniform).
+        if not sharded_launch():
+            for param in self.model.parameters():
+                if param.requires_grad and param.dtype != torch.float32:
+                    param.data = param.data.float()
 
     def _save_checkpoint(self, model, trial) -> None:
         run_dir = Path(self.args.output_dir)
@@ -163,6 +165,7 @@ def run(
         resume_from = _check_run_dir(run_dir, recipe, force=force, resume=resume)
         ranks.wait_for_everyone()  # every rank has checked the outputs before the main one creates them
     device = check_device(recipe.model)
+    check_sharding(recipe)
     model_dir = resolve_model_dir(recipe.model, weights=not dry_run)
     tokenizer = load_tokenizer(model_dir, recipe.model)
     data = build_dataset(recipe.data, tokenizer)
@@ -224,12 +227,13 @@ def run(
         metrics["eval_loss"] = round(trainer.evaluate()["eval_loss"], 4)
     if not all(math.isfinite(value) for value in (metrics["train_loss"], metrics.get("eval_loss", 0.0))):
         raise QloraError(f"training diverged (loss {metrics['train_loss']}); no adapter written. Lower train.lr and retry")
+    adapter_state = gathered_adapter_state(trainer.model_wrapped)  # every rank takes part in the gather
     if not ranks.is_main_process:
         return None
     checkpoints.discard_staging(run_dir)  # other ranks' late writes into the last checkpoint's staging folder
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     try:
-        export_adapter(trainer.model, tokenizer, recipe, base_record, metrics, adapter_dir, force=force)
+        export_adapter(trainer.accelerator.unwrap_model(trainer.model), tokenizer, recipe, base_record, metrics, adapter_dir, force=force, state_dict=adapter_state)
     except OSError as error:
         raise QloraError(f"cannot write adapter {adapter_dir}: {error.strerror or error}; nothing was left behind") from None
     trainable, total = model.get_nb_trainable_parameters()
@@ -237,6 +241,16 @@ def run(
     report = write_report(run_dir, recipe=recipe, metrics=metrics, trainable=trainable, total=total, adapter_dir=adapter_dir, curve=curve)
     log.info("adapter %r written to %s; report: %s", recipe.lora.name, adapter_dir, report)
     return adapter_dir
+
+
+def check_sharding(recipe: Recipe) -> None:
+    """FSDP and ZeRO-3 shard parameters of one dtype: the packed 4-bit weights must be stored in it."""
+    section = recipe.model
+    if sharded_launch() and section.load_in_4bit and section.quant_storage != section.compute_dtype:
+        raise QloraError(
+            f"model.quant_storage: {section.quant_storage} under FSDP/DeepSpeed ZeRO-3, which shard parameters of one "
+            f"dtype; add --set model.quant_storage={section.compute_dtype} (the packed 4-bit weights are the same size)"
+        )
 
 
 def _check_run_dir(run_dir: Path, recipe: Recipe, *, force: bool, resume: bool) -> Path | None:
@@ -254,10 +268,44 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, *, force: bool, resume: bool) 
     return None
 
 
-def export_adapter(model, tokenizer, recipe: Recipe, base_record: dict, metrics: dict, dest: Path, *, force: bool) -> None:
-    """The self-describing adapter directory, visible only once complete."""
+def gathered_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The adapter's tensors, whole, when FSDP or ZeRO-3 has sharded them (None otherwise).
+
+    Every rank must call this: the gather is collective. Without it the main process would save its own
+    shard of each lora_A/lora_B, an adapter of zero-sized or partial tensors. Only the trainable tensors
+    are kept; the main process briefly holds the whole 4-bit model (in CPU memory when training on GPUs)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if any(isinstance(module, FSDP) for module in model.modules()):
+        # Offloading is for GPU memory; on CPU ranks (gloo) torch's offload path breaks on the 4-bit units.
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        with FSDP.summon_full_params(model, writeback=False, rank0_only=True, offload_to_cpu=on_gpu):
+            return {name: param.detach().cpu().clone() for name, param in model.named_parameters() if "lora_" in name}
+    if zero3_launch():
+        import deepspeed
+
+        named = [(name, param) for name, param in model.named_parameters() if "lora_" in name]
+        with deepspeed.zero.GatheredParameters([param for _, param in named], modifier_rank=None):
+            return {name: param.detach().cpu().clone() for name, param in named}
+    return None
+
+
+def export_adapter(
+    model, tokenizer, recipe: Recipe, base_record: dict, metrics: dict, dest: Path, *, force: bool, state_dict: dict | None = None
+) -> None:
+    """The self-describing adapter directory, visible only once complete. `state_dict` holds the
+    gathered adapter tensors of a sharded run (gathered_adapter_state)."""
     with atomic_directory(dest, force=force) as staging:
-        model.save_pretrained(staging, safe_serialization=True)
+        # Given a state dict, peft does not call model.state_dict(), which under FSDP is a collective that
+        # the other ranks would never join.
+        model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
+        if state_dict is not None:
+            # peft finds adapter tensors by module path, and inside FSDP those paths carry wrapper names that
+            # the gathered (clean) keys do not: write the file as peft lays it out, adapter slot name removed.
+            from safetensors.torch import save_file
+
+            tensors = {name.replace(".default.", "."): tensor.contiguous() for name, tensor in state_dict.items()}
+            save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(staging)
         (staging / "recipe.yaml").write_text(recipe.to_yaml())
         adapters.write_metadata(

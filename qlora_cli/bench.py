@@ -381,7 +381,7 @@ def qlora_trainer(settings: Settings, dataset):
     recipe = qlora_recipe(settings)
     device = check_device(recipe.model)
     tokenizer = load_tokenizer(Path(settings.base_dir), recipe.model)
-    model = load_model(recipe.model, Path(settings.base_dir), device=device)
+    model = load_model(recipe.model, Path(settings.base_dir), device=device, packed=recipe.train.packing)
     set_seed(settings.seed)
     model = attach_lora(model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing)
     args = sft_config(recipe, use_cpu=device.type == "cpu")
@@ -519,8 +519,8 @@ def measure_arm(arm: str, settings: Settings) -> dict:
             "give more --examples (or --steps), or fewer --warmup"
         )
     measured = batches[settings.warmup * accumulation:]
-    # Varlen flash kernels attend within each example; sdpa and eager take a dense mask over the whole row.
-    per_example = "flash" in str(setup["attention"])
+    # Varlen flash and flex attention attend within each example; sdpa and eager take a dense mask over the whole row.
+    per_example = any(kernel in str(setup["attention"]) for kernel in ("flash", "flex"))
     allocator_peak = peak_memory(settings.device, baseline)
     # On CPU bitsandbytes falls back to ordinary buffers, which the peak RSS already counts.
     paged = paged_optimizer_bytes(trainer.optimizer) if settings.device == "cuda" else 0

@@ -59,8 +59,9 @@ def sft_config(recipe: Recipe, *, use_cpu: bool) -> SFTConfig:
         fp16=recipe.model.compute_dtype == "float16" and not use_cpu,
         use_cpu=use_cpu,
         max_length=recipe.data.max_length,
-        # Best-fit-decreasing packing implies padding-free batches: position ids restart at each example,
-        # which the attention mask builder turns into a block-diagonal mask (no cross-example attention).
+        # Best-fit-decreasing packing implies padding-free batches: position ids restart at each example.
+        # Flex attention (model.attn_implementation: auto, on CUDA) takes them as a BlockMask; sdpa as a dense
+        # block-diagonal mask. Either way no example attends to another (tests/test_fastpath.py).
         packing=train.packing,
         packing_strategy="bfd",
         eval_packing=False,
@@ -168,7 +169,7 @@ def run(
     check_sharding(recipe)
     model_dir = resolve_model_dir(recipe.model, weights=not dry_run)
     tokenizer = load_tokenizer(model_dir, recipe.model)
-    data = build_dataset(recipe.data, tokenizer)
+    data = build_dataset(recipe.data, tokenizer, seed=recipe.train.seed)
     log.info("data: %d training examples%s", len(data.train), f", {len(data.eval)} for evaluation" if data.eval else "")
     skeleton = empty_model(recipe.model, model_dir)
     check_target_modules(skeleton, recipe.lora)  # before spending minutes loading weights
@@ -177,7 +178,7 @@ def run(
         return None
 
     base_record = base_model_record(recipe.model, model_dir)
-    model = load_model(recipe.model, model_dir, device=device)
+    model = load_model(recipe.model, model_dir, device=device, packed=recipe.train.packing)
     set_seed(recipe.train.seed)  # LoRA A is randomly initialised here, before the trainer seeds anything
     model = attach_lora(model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing)
     if ranks.is_main_process:
@@ -351,8 +352,22 @@ def show_dry_run(recipe: Recipe, skeleton, tokenizer, data: TrainingData) -> Non
 
 
 def loss_mask_text(tokenizer, input_ids: list[int], labels: list[int]) -> Text:
+    """The example as it reads, each token styled by its label. Tokens are decoded after the ones before
+    them: decoded alone a SentencePiece token loses its leading space, and a byte-level BPE token may hold
+    only part of a character."""
     text = Text()
-    for token_id, label in zip(input_ids, labels):
-        piece = tokenizer.decode([token_id]) if token_id not in tokenizer.all_special_ids else tokenizer.convert_ids_to_tokens(token_id)
-        text.append(piece, style="dim" if label == IGNORE_INDEX else "bold green")
+    special = set(tokenizer.all_special_ids)
+    start = shown_until = 0  # decode(input_ids[start:shown_until]) is already on screen
+    for index, (token_id, label) in enumerate(zip(input_ids, labels)):
+        style = "dim" if label == IGNORE_INDEX else "bold green"
+        if token_id in special:
+            text.append(tokenizer.convert_ids_to_tokens(token_id), style=style)
+            start = shown_until = index + 1
+            continue
+        shown = tokenizer.decode(input_ids[start:shown_until])
+        now = tokenizer.decode(input_ids[start : index + 1])
+        if now.endswith("\ufffd"):  # an unfinished UTF-8 character: shown with the token that completes it
+            continue
+        text.append(now[len(shown):], style=style)
+        start, shown_until = shown_until, index + 1
     return text

@@ -212,14 +212,11 @@ def test_packing_keeps_labels_aligned(real_tokenizer):
     assert int((labels == tokenizer.eos_token_id).sum()) == len(singles)
 
 
-def test_dry_run_mask_renders_readable_text(real_tokenizer, kind, request):
+def test_dry_run_mask_renders_readable_text(real_tokenizer, kind):
     """`qlora train --dry-run` shows the first example's tokens, dim where masked, green where learned: the
     text must read as the example does, the green part as its completion and EOS."""
     from qlora_cli.train import loss_mask_text
 
-    # Remove this marker once train.loss_mask_text decodes each token after the ones before it: decoded alone,
-    # a SentencePiece token drops its '▁' (words run together) and a tekken token may be part of a character.
-    request.applymarker(pytest.mark.xfail(strict=True, reason="train.loss_mask_text decodes each token alone"))
     for row in examples([ROWS[1], ROWS[3]]):  # plain words; a character tekken spreads over two tokens
         example = tokenize_example(row["prompt"], row["completion"], real_tokenizer, 4096)
         text = loss_mask_text(real_tokenizer, example["input_ids"], example["labels"])

@@ -17,15 +17,13 @@ import torch
 
 from qlora_cli.data import IGNORE_INDEX, check_rows, read_rows, tokenize_example
 from qlora_cli.generate import Sampling, Session, exact_match
-from qlora_cli.prompts import render_example
 
 
 def response_loss(session: Session, rows: list[dict], adapter: str, batch_size: int = 16) -> float:
     """Mean cross-entropy per response token (EOS included), the loss training reports."""
-    template = session.templates.get(adapter, "alpaca")
     examples = []
     for row in rows:
-        rendered = render_example(row, template)
+        rendered = session.example(row, adapter)
         examples.append(tokenize_example(rendered["prompt"], rendered["completion"], session.tokenizer, 100_000))
     total, count = 0.0, 0
     model = session.model
@@ -97,7 +95,7 @@ def run(
     results = []
     for adapter in adapters:
         loss = response_loss(session, rows, adapter)
-        accuracy, answers = exact_match(session, rows, adapter, Sampling(max_new_tokens=_answer_budget(session, rows)))
+        accuracy, answers = exact_match(session, rows, adapter, Sampling(max_new_tokens=_answer_budget(session, rows, adapter)))
         result = {"adapter": adapter, "examples": len(rows), "loss": round(loss, 4), "perplexity": round(math.exp(loss), 3), "exact_match": round(accuracy, 4)}
         if sql:
             matches = [sql_execution_match(row.get("input") or "", row["output"], answer, row["instruction"]) for row, answer in zip(rows, answers)]
@@ -108,7 +106,8 @@ def run(
     return results
 
 
-def _answer_budget(session: Session, rows: list[dict]) -> int:
+def _answer_budget(session: Session, rows: list[dict], adapter: str) -> int:
     """Enough new tokens for the longest reference answer, plus slack to see run-on answers fail."""
-    longest = max(len(session.tokenizer(row["output"], add_special_tokens=False)["input_ids"]) for row in rows)
+    references = (session.example(row, adapter)["completion"] for row in rows)
+    longest = max(len(session.tokenizer(reference, add_special_tokens=False)["input_ids"]) for reference in references)
     return longest + 8

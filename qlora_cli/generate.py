@@ -22,13 +22,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorS
 from qlora_cli import adapters
 from qlora_cli.errors import QloraError
 from qlora_cli.model import check_device, fingerprint_weights, load_model, load_tokenizer, resolve_model_dir
-from qlora_cli.prompts import render_prompt
-from qlora_cli.recipe import ModelSection
+from qlora_cli.prompts import render_example
+from qlora_cli.recipe import RESERVED_ADAPTER_NAMES, ModelSection
 
 log = logging.getLogger(__name__)
 
-BASE = "none"  # the adapter name that means "the base model alone"
-MIX = "mix"
+BASE, MIX = RESERVED_ADAPTER_NAMES  # the base model alone; a weighted combination (--mix)
 
 
 @dataclass(frozen=True)
@@ -52,6 +51,7 @@ class Session:
     tokenizer: PreTrainedTokenizerBase
     base_id: str
     templates: dict[str, str] = field(default_factory=dict)
+    tasks: dict[str, str] = field(default_factory=dict)  # "forward" or "reverse", as each adapter was trained
 
     @property
     def names(self) -> list[str]:
@@ -78,9 +78,17 @@ class Session:
             self.model.set_adapter(adapter)
         yield
 
-    def prompt(self, row: dict, adapter: str) -> str:
+    def example(self, row: dict, adapter: str) -> dict[str, str]:
+        """The prompt and expected completion, rendered as the adapter was trained (the base borrows the
+        first adapter's template and task, so that the two answer the same question)."""
         template = self.templates.get(adapter) or next(iter(self.templates.values()), "alpaca")
-        return render_prompt(row["instruction"], row.get("input") or "", template)
+        task = self.tasks.get(adapter) or next(iter(self.tasks.values()), "forward")
+        if task == "reverse" and "output" not in row:
+            row = {"instruction": "", "output": row["instruction"]}  # generate: the text given is the response to reverse
+        return render_example({"output": "", **row}, template, task)
+
+    def prompt(self, row: dict, adapter: str) -> str:
+        return self.example(row, adapter)["prompt"]
 
     def stream(self, row: dict, adapter: str, sampling: Sampling = Sampling()) -> Iterator[str]:
         """Yield the answer's text piece by piece as it is generated."""
@@ -137,7 +145,7 @@ def parse_mix(spec: str) -> dict[str, float]:
     """'sql=0.7,json=0.3' -> {'sql': 0.7, 'json': 0.3}."""
     weights = {}
     for part in spec.split(","):
-        name, sep, weight = part.partition("=")
+        name, sep, weight = part.rpartition("=")  # the last '=': an adapter folder path may hold one
         try:
             weights[name.strip()] = float(weight)
         except ValueError:
@@ -174,7 +182,7 @@ def open_session(
     model = load_model(section, model_dir, device=device)
     model.config.use_cache = True
     model.eval()
-    templates = {}
+    templates, tasks = {}, {}
     for ref, path in found.items():
         name = path.name
         if isinstance(model, PeftModel):
@@ -182,10 +190,11 @@ def open_session(
         else:
             model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
         templates[name] = metadata[ref].get("template", "alpaca")
+        tasks[name] = metadata[ref].get("task", "forward")
     if mix:
-        add_mix(model, mix, templates)
+        add_mix(model, {found[ref].name: weight for ref, weight in mix.items()}, templates, tasks=tasks)
     log.info("loaded %s with adapters: %s", section.id, ", ".join(templates) or "none")
-    return Session(model=model, tokenizer=tokenizer, base_id=section.id, templates=templates)
+    return Session(model=model, tokenizer=tokenizer, base_id=section.id, templates=templates, tasks=tasks)
 
 
 def _base_section(base: str | None, found: dict[str, Path], metadata: dict[str, dict]) -> ModelSection:
@@ -210,7 +219,7 @@ def _base_section(base: str | None, found: dict[str, Path], metadata: dict[str, 
     return ModelSection.model_validate(section_data)
 
 
-def add_mix(model: PeftModel, mix: dict[str, float], templates: dict[str, str], name: str = MIX) -> None:
+def add_mix(model: PeftModel, mix: dict[str, float], templates: dict[str, str], name: str = MIX, tasks: dict[str, str] | None = None) -> None:
     unknown = [name for name in mix if name not in templates]
     if unknown:
         raise QloraError(f"--mix names {unknown}, which are not loaded adapters")
@@ -218,11 +227,13 @@ def add_mix(model: PeftModel, mix: dict[str, float], templates: dict[str, str], 
     # and it works across different ranks (peft's 'linear' needs equal ranks and mixes A and B separately).
     model.add_weighted_adapter(list(mix), list(mix.values()), adapter_name=name, combination_type="cat")
     templates[name] = templates[next(iter(mix))]
+    if tasks is not None:
+        tasks[name] = tasks.get(next(iter(mix)), "forward")
 
 
 def exact_match(session: Session, rows: list[dict], adapter: str, sampling: Sampling = Sampling()) -> tuple[float, list[str]]:
     answers = session.ask(rows, adapter, sampling)
-    hits = sum(answer == row["output"].strip() for answer, row in zip(answers, rows))
+    hits = sum(answer == session.example(row, adapter)["completion"].strip() for answer, row in zip(answers, rows))
     return hits / len(rows), answers
 
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from qlora_cli.errors import QloraError
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+RESERVED_ADAPTER_NAMES = ("none", "mix")  # what generate, eval and merge read as the base and as a weighted combination
 # Hugging Face user access tokens; a recipe that carries one would leak it into every adapter it makes.
 HUB_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
 
@@ -87,6 +88,8 @@ class LoraSection(Section):
     def _plain_name(cls, name: str) -> str:
         if not ADAPTER_NAME.match(name):
             raise ValueError(f"adapter name {name!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        if name.lower() in RESERVED_ADAPTER_NAMES:
+            raise ValueError(f"adapter name {name!r} is reserved ('none' is the base alone, 'mix' a weighted combination); pick another")
         return name
 
     @field_validator("bias")

@@ -104,6 +104,26 @@ class StopOnSignal(TrainerCallback):
         return control
 
 
+# fp16's grad scaler starts at 2^16 and halves its scale on every step whose gradients overflowed, skipping
+# that step: a run can legitimately see a couple of dozen such steps in a row while it finds its scale.
+FP16_OVERFLOWS_TOLERATED = 24
+
+
+class DivergenceGuard:
+    """Stop on a non-finite loss, unless it is one of a tolerated run of them (fp16 overflow steps, which
+    the grad scaler skips). Any finite loss ends the run."""
+
+    def __init__(self, tolerated: int) -> None:
+        self.tolerated = tolerated
+        self.in_a_row = 0
+
+    def must_stop(self, finite: bool) -> bool:
+        self.in_a_row = 0 if finite else self.in_a_row + 1
+        if 0 < self.in_a_row <= self.tolerated:
+            log.warning("non-finite loss (%d in a row): the fp16 grad scaler skips this step and lowers its scale", self.in_a_row)
+        return self.in_a_row > self.tolerated
+
+
 class CheckpointingTrainer(SFTTrainer):
     """SFTTrainer with atomic checkpoints and a loss that must stay finite.
 
@@ -118,6 +138,7 @@ class CheckpointingTrainer(SFTTrainer):
         # the exact state (a resumed run drifts from the uninterrupted one). Back to fp32, before the
         # optimizer exists: adapters are under 1% of the model, `qlora plan` counts them in fp32, and
         # under bf16 autocast their matmuls still run in bf16.
+        self.divergence = DivergenceGuard(tolerated=FP16_OVERFLOWS_TOLERATED if self.args.fp16 else 0)
         # Not under FSDP/ZeRO-3, which shard one dtype per wrapped unit (lora.attach_lora keeps it uniform).
         if not sharded_launch():
             for param in self.model.parameters():
@@ -143,7 +164,7 @@ class CheckpointingTrainer(SFTTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
+        if self.divergence.must_stop(bool(torch.isfinite(loss).all())):
             step = self.state.global_step + 1
             last = checkpoints.latest_checkpoint(Path(self.args.output_dir))
             kept = f"last good checkpoint: {last}" if last else "no checkpoint was saved yet"

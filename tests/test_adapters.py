@@ -142,3 +142,9 @@ def test_eval_puts_base_adapter_and_mix_in_one_table_and_json(trained_adapters, 
     assert results["sql"]["exact_match"] > results["none"]["exact_match"] and results["sql"]["loss"] < results["none"]["loss"]
     # Same queries can differ in text yet return the same rows, never the reverse.
     assert all(row["execution_match"] >= row["exact_match"] for row in results.values())
+
+
+def test_a_mix_may_name_adapters_by_folder_path(trained_adapters):
+    mixed = open_session([], mix={str(trained_adapters / "sql"): 0.9, "json": 0.1}, home=str(trained_adapters))
+    assert mixed.names == [BASE, "sql", "json", "mix"]
+    assert mixed.tasks["mix"] == "forward"

@@ -139,3 +139,9 @@ def test_bias_training_that_merge_cannot_carry_is_refused_before_training(tmp_pa
 def test_invalid_rows_takes_fail_or_drop(tmp_path):
     assert load_recipe(write(tmp_path, yaml.safe_dump(minimal(tmp_path)))).data.invalid_rows == "fail"
     assert "data.invalid_rows" in error_of(tmp_path, minimal(tmp_path, data={"invalid_rows": "skip"}))
+
+
+@pytest.mark.parametrize("name", ["none", "mix", "None"])
+def test_adapter_names_that_mean_the_base_or_a_mix_are_refused(tmp_path, name):
+    message = error_of(tmp_path, minimal(tmp_path, lora={"name": name}))
+    assert "lora.name" in message and "reserved" in message

@@ -25,7 +25,6 @@ import qlora_cli  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 import argparse
 import dataclasses
 import datetime
-import importlib.metadata
 import json
 import logging
 import os
@@ -38,6 +37,8 @@ import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
+
+from qlora_cli.bench import library_versions
 
 log = logging.getLogger(__name__)
 
@@ -405,16 +406,6 @@ def print_plan_table(report: dict) -> None:
 # ------------------------------------------------------------------------------------------ report
 
 
-def library_versions() -> dict[str, str]:
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
 def device_record() -> dict:
     """The GPU, its driver and CUDA, as nvidia-smi and torch see them; what is unknown stays None."""
     record: dict = {"gpu": None, "memory_gib": None, "driver": None, "compute_capability": None, "torch_cuda": None, "cuda_available": False}
@@ -536,7 +527,7 @@ def build_report(work: Path, command: str, budget_seconds: int | None) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": device_record(),
-        "versions": library_versions(),
+        "versions": library_versions(LIBRARIES),
         "commit": git_commit(),
         "steps": steps,
         "tests": read_tests(work / PYTEST_XML),

@@ -76,13 +76,19 @@ def test_setup_dry_run_cpu_prints_the_cpu_torch_install(tmp_path: Path):
     assert not (tmp_path / "venv").exists()
 
 
-def test_setup_cuda_replaces_a_cpu_only_torch(tmp_path: Path):
-    """A venv made on a box without a visible GPU holds torch 2.13.0+cpu; --cuda must not keep it."""
+def venv_with_torch(tmp_path: Path, version: str) -> Path:
+    """A venv whose python reports `version` as its torch (setup.sh asks it nothing else in a dry run)."""
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     fake_python = venv / "bin" / "python"
-    fake_python.write_text("#!/usr/bin/env bash\necho 2.13.0+cpu\n")
+    fake_python.write_text(f"#!/usr/bin/env bash\necho {version}\n")
     fake_python.chmod(0o755)
+    return venv
+
+
+def test_setup_cuda_replaces_a_cpu_only_torch(tmp_path: Path):
+    """A venv made on a box without a visible GPU holds torch 2.13.0+cpu; --cuda must not keep it."""
+    venv = venv_with_torch(tmp_path, "2.13.0+cpu")
     result = run_script("setup.sh", "--dry-run", "--cuda", env={"QLORA_VENV": str(venv)})
     assert result.returncode == 0, result.stderr
     assert "already installed" not in result.stdout
@@ -92,15 +98,18 @@ def test_setup_cuda_replaces_a_cpu_only_torch(tmp_path: Path):
 
 
 def test_setup_cpu_keeps_a_cpu_torch(tmp_path: Path):
-    venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True)
-    fake_python = venv / "bin" / "python"
-    fake_python.write_text("#!/usr/bin/env bash\necho 2.13.0+cpu\n")
-    fake_python.chmod(0o755)
+    venv = venv_with_torch(tmp_path, "2.13.0+cpu")
     result = run_script("setup.sh", "--dry-run", "--cpu", env={"QLORA_VENV": str(venv)})
     assert result.returncode == 0, result.stderr
     assert "torch 2.13.0+cpu already installed" in result.stdout
     assert "install torch" not in result.stdout
+
+
+def test_setup_cuda_keeps_a_cuda_torch(tmp_path: Path):
+    venv = venv_with_torch(tmp_path, "2.13.0")
+    result = run_script("setup.sh", "--dry-run", "--cuda", env={"QLORA_VENV": str(venv)})
+    assert result.returncode == 0, result.stderr
+    assert "torch 2.13.0 already installed" in result.stdout
 
 
 # --- train-resilient.sh ------------------------------------------------------------------------------

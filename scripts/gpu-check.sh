@@ -53,7 +53,7 @@ if [ "$cpu" = 1 ]; then recorded+=" --cpu"; fi
 # them. A step may run until the sum of its own and the earlier steps' budgets: time an earlier step left
 # unused passes on, and a step that overruns is stopped there, so the later steps keep theirs.
 STEP_NAMES=(install doctor gpu-tests plan-memory benchmark report)
-STEP_SECONDS=(20 25 110 125 170 20)
+STEP_SECONDS=(20 25 100 105 200 20)
 
 # ------------------------------------------------------------------------------------ prerequisites
 
@@ -123,11 +123,11 @@ step_command() {
     install) command=("${install[@]}" "$wheels"/*.whl) ;;
     doctor) command=("$python" -m qlora_cli doctor recipes/tiny-sql.yaml) ;;
     # xunit1: the JUnit flavour that keeps what the tests record (losses, differences) as properties.
-    gpu-tests) command=("$python" -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -q -o junit_family=xunit1 "--junitxml=$work/pytest.xml") ;;
+    gpu-tests) command=("$python" -m pytest -m gpu tests/test_gpu.py tests/test_fastpath.py -p no:cacheprovider -q -o junit_family=xunit1 "--junitxml=$work/pytest.xml") ;;
     plan-memory) command=("$python" -m qlora_cli.bench_plan measure --shape "$shape" --json "$work/plan.json") ;;
     # Three timed optimizer steps of the qlora arm (32k tokens each on mistral7b) after one warm-up: the figures
     # settle there, and the three arms then fit the budget.
-    benchmark) command=("$python" -m qlora_cli.bench --shape "$shape" --steps 3 --json "$work/bench.json" --markdown "$work/bench.md") ;;
+    benchmark) command=("$python" -m qlora_cli.bench --shape "$shape" --steps 2 --json "$work/bench.json" --markdown "$work/bench.md") ;;
     report) command=("$python" -m qlora_cli.bench_plan report "$work" --out "$out_dir" --command "$recorded" --budget "$budget") ;;
   esac
   if [ "$1" = install ]; then

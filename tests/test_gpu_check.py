@@ -40,9 +40,9 @@ def test_dry_run_names_every_step_with_its_command_and_budget(tmp_path):
     commands = {name: command for name, _, command in listed}
     assert "pip install -q --no-index --no-deps" in commands["install"] and "--target /tmp/site" in commands["install"]
     assert commands["doctor"].endswith("-m qlora_cli doctor recipes/tiny-sql.yaml")
-    assert "-m pytest -m gpu tests/test_gpu.py" in commands["gpu-tests"]
+    assert "-m pytest -m gpu tests/test_gpu.py tests/test_fastpath.py" in commands["gpu-tests"]
     assert "-m qlora_cli.bench_plan measure --shape mistral7b" in commands["plan-memory"]
-    assert "-m qlora_cli.bench --shape mistral7b --steps 3 --json" in commands["benchmark"] and "--markdown" in commands["benchmark"]
+    assert "-m qlora_cli.bench --shape mistral7b --steps 2 --json" in commands["benchmark"] and "--markdown" in commands["benchmark"]
     assert "-m qlora_cli.bench_plan report" in commands["report"] and str(tmp_path / "out") in commands["report"]
     assert "dry run ok" in out and "HF_HUB_OFFLINE=1" in out
     assert not (tmp_path / "out").exists()  # wrote nothing

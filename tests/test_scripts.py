@@ -246,9 +246,11 @@ def test_train_resilient_stops_on_sigterm_without_retrying(tmp_path: Path):
 def test_train_resilient_ctrl_c_lets_qlora_save_and_report(tmp_path: Path):
     # Ctrl-C signals the whole process group: qlora saves and still gets its last words out, the wrapper
     # passes them on and exits 130 without retrying.
+    # The save takes a moment (0.3 s) so that the wrapper must wait for it; "ready" says the trap is set.
+    ready = tmp_path / "state" / "ready"
     saving = (
-        "trap 'echo saving >&2; sleep 0.3; echo \"error: stopped by SIGINT at step 3\" >&2; exit 130' INT TERM; "
-        "sleep 5 >/dev/null 2>&1 & wait"
+        "trap 'kill \"$blocker\"; echo saving >&2; sleep 0.3; echo \"error: stopped by SIGINT at step 3\" >&2; exit 130' INT TERM; "
+        f"tail -f /dev/null >/dev/null 2>&1 & blocker=$!; touch {ready}; wait"
     )
     env = fake_qlora(tmp_path, {"*": saving})
     process = subprocess.Popen(
@@ -256,9 +258,9 @@ def test_train_resilient_ctrl_c_lets_qlora_save_and_report(tmp_path: Path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env}, cwd=REPO,
     )
     deadline = time.monotonic() + 10
-    while not calls(tmp_path) and time.monotonic() < deadline:
+    while not ready.exists() and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
         time.sleep(0.05)
-    time.sleep(0.3)
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=10)
     assert process.returncode == 130, stderr

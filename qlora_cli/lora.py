@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import PreTrainedModel
 
 from qlora_cli.errors import QloraError
-from qlora_cli.model import sharded_launch
+from qlora_cli.model import sharded_launch, zero3_launch
 from qlora_cli.recipe import LoraSection
 
 log = logging.getLogger(__name__)
@@ -63,19 +62,19 @@ def attach_lora(model: PreTrainedModel, section: LoraSection, *, gradient_checkp
             model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
         )
     else:
-        # Not under FSDP/ZeRO-3: they flatten each wrapped block into one buffer of one dtype ("Must flatten
-        # tensors with uniform dtype"), so norms stay in the storage dtype instead of being upcast to fp32.
+        # A 16-bit base, or FSDP/ZeRO-3: they flatten each wrapped block into one buffer of one dtype ("Must
+        # flatten tensors with uniform dtype"), so norms stay in the storage dtype instead of being upcast to fp32.
         for param in model.parameters():
             param.requires_grad_(False)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
             model.enable_input_require_grads()
     check_target_modules(model, section)
+    storage = uniform_dtype(model) if sharded else None  # of the base alone, before the adapter is added
     # Trained under peft's "default" slot so the export is a plain, flat peft folder; the adapter's own
     # name lives in its directory name and qlora.json, and generate loads each under that name.
     peft_model = get_peft_model(model, lora_config(section), autocast_adapter_dtype=not sharded)
-    if sharded:
-        storage = uniform_dtype(model)
+    if storage is not None:
         for param in peft_model.parameters():
             if param.requires_grad:
                 param.data = param.data.to(storage)
@@ -97,10 +96,6 @@ def uniform_dtype(model: torch.nn.Module) -> torch.dtype:
             "set model.quant_storage equal to model.compute_dtype (bfloat16)"
         )
     return dtypes.pop()
-
-
-def zero3_launch() -> bool:
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
 
 
 def human_count(count: int) -> str:

@@ -304,11 +304,8 @@ def nf4_weight_specs(model_dir: Path, section: ModelSection, base_keys: set[str]
 
 def shard_files(model_dir: Path) -> list[str]:
     """The base's safetensors files in index order (one file when the base is not sharded)."""
-    index = model_dir / INDEX
-    if index.is_file():
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
     files = [path.name for path in weight_files(model_dir)]
-    if len(files) != 1:
+    if not (model_dir / INDEX).is_file() and len(files) != 1:
         raise QloraError(f"base {model_dir}: {len(files)} safetensors files but no {INDEX} saying how they fit together")
     return files
 

@@ -109,6 +109,10 @@ def sharded_launch() -> bool:
     return any(os.environ.get(flag, "").lower() == "true" for flag in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
 
 
+def zero3_launch() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+
+
 def attention_implementation(section: ModelSection, *, device: torch.device, packed: bool) -> str:
     """The attention kernel for one load; `packed` means the model will train on padding-free packed rows.
 

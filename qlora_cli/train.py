@@ -23,8 +23,8 @@ from qlora_cli import adapters, checkpoints
 from qlora_cli.data import IGNORE_INDEX, TrainingData, build_dataset
 from qlora_cli.errors import QloraError
 from qlora_cli.files import MARKER, atomic_directory, check_new_output, refuse_dangerous_output
-from qlora_cli.lora import attach_lora, check_target_modules, human_count, lora_config, zero3_launch
-from qlora_cli.model import base_model_record, check_device, empty_model, load_model, load_tokenizer, resolve_model_dir, sharded_launch
+from qlora_cli.lora import attach_lora, check_target_modules, human_count, lora_config
+from qlora_cli.model import base_model_record, check_device, empty_model, load_model, load_tokenizer, resolve_model_dir, sharded_launch, zero3_launch
 from qlora_cli.recipe import Recipe
 from qlora_cli.report import RichProgress, peak_memory, plot_curves, write_report
 

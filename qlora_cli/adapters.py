@@ -29,7 +29,9 @@ def adapters_home(override: str | Path | None = None) -> Path:
 def adapter_path(name: str, home: str | Path | None = None) -> Path:
     """Where an adapter called `name` lives (whether or not it exists yet)."""
     if not ADAPTER_NAME.match(name):
-        raise QloraError(f"adapter name {name!r}: use letters, digits, '.', '_' or '-' only (no paths); or pass a folder path")
+        raise QloraError(
+            f"adapter name {name!r}: use letters, digits, '.', '_' or '-' only (no paths); or pass a folder path"
+        )
     return adapters_home(home) / name
 
 
@@ -51,7 +53,9 @@ def list_adapter_dirs(home: str | Path | None = None) -> list[Path]:
     root = adapters_home(home)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "adapter_config.json").is_file())
+    return sorted(
+        p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "adapter_config.json").is_file()
+    )
 
 
 def read_metadata(adapter_dir: Path) -> dict:

@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import qlora_cli  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 
+# isort: split
+
 import argparse
 import dataclasses
 import datetime
@@ -82,15 +84,35 @@ LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate
 SHAPES = {
     "mistral7b": {"config": {}, "max_length": 2048, "r": 64, "steps": 6, "warmup": 1},
     "small": {
-        "config": {"vocab_size": 1024, "hidden_size": 256, "intermediate_size": 640, "num_hidden_layers": 4,
-                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024},
-        "max_length": 256, "r": 8, "steps": 4, "warmup": 1,
+        "config": {
+            "vocab_size": 1024,
+            "hidden_size": 256,
+            "intermediate_size": 640,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 1024,
+        },
+        "max_length": 256,
+        "r": 8,
+        "steps": 4,
+        "warmup": 1,
     },
     # One layer: a smoke test of the whole benchmark in seconds (the test suite runs it); its figures mean nothing.
     "tiny": {
-        "config": {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-                   "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 256},
-        "max_length": 64, "r": 4, "steps": 1, "warmup": 1,
+        "config": {
+            "vocab_size": 256,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 256,
+        },
+        "max_length": 64,
+        "r": 4,
+        "steps": 1,
+        "warmup": 1,
     },
 }
 # The tutorial stack's settings (see the module docstring); max_length and bf16 come from the shape and device.
@@ -190,8 +212,13 @@ def length_summary(lengths: list[int]) -> dict:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
     return {
-        "examples": len(ordered), "tokens": sum(ordered), "mean": round(sum(ordered) / len(ordered), 1),
-        "median": quantile(0.5), "p90": quantile(0.9), "p99": quantile(0.99), "max": ordered[-1],
+        "examples": len(ordered),
+        "tokens": sum(ordered),
+        "mean": round(sum(ordered) / len(ordered), 1),
+        "median": quantile(0.5),
+        "p90": quantile(0.9),
+        "p99": quantile(0.99),
+        "max": ordered[-1],
     }
 
 
@@ -298,12 +325,14 @@ def qlora_recipe(settings: Settings):
     }
     if settings.batch_size:
         train["batch_size"] = settings.batch_size
-    return Recipe.model_validate({
-        "model": {"id": settings.base_dir, "compute_dtype": settings.compute_dtype, "device": settings.device},
-        "lora": {"name": "bench", "r": settings.r, "alpha": 2.0 * settings.r, "dropout": LORA_DROPOUT},
-        "data": {"path": "synthetic", "max_length": settings.max_length},
-        "train": train,
-    })
+    return Recipe.model_validate(
+        {
+            "model": {"id": settings.base_dir, "compute_dtype": settings.compute_dtype, "device": settings.device},
+            "lora": {"name": "bench", "r": settings.r, "alpha": 2.0 * settings.r, "dropout": LORA_DROPOUT},
+            "data": {"path": "synthetic", "max_length": settings.max_length},
+            "train": train,
+        }
+    )
 
 
 def tutorial_model(settings: Settings):
@@ -317,12 +346,19 @@ def tutorial_model(settings: Settings):
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
     )
     model = AutoModelForCausalLM.from_pretrained(
-        settings.base_dir, quantization_config=quantization, dtype=dtype, device_map="auto" if settings.device == "cuda" else None
+        settings.base_dir,
+        quantization_config=quantization,
+        dtype=dtype,
+        device_map="auto" if settings.device == "cuda" else None,
     )
     model.config.use_cache = False
     model = prepare_model_for_kbit_training(model)  # also turns gradient checkpointing on
     lora = LoraConfig(
-        r=settings.r, lora_alpha=2 * settings.r, lora_dropout=LORA_DROPOUT, target_modules="all-linear", task_type="CAUSAL_LM"
+        r=settings.r,
+        lora_alpha=2 * settings.r,
+        lora_dropout=LORA_DROPOUT,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora), AutoTokenizer.from_pretrained(settings.base_dir)
 
@@ -333,7 +369,10 @@ def tutorial_trainer(settings: Settings, dataset):
 
     model, tokenizer = tutorial_model(settings)
     cpu = settings.device == "cpu"
-    settings_used = {**TUTORIAL, "per_device_train_batch_size": settings.batch_size or TUTORIAL["per_device_train_batch_size"]}
+    settings_used = {
+        **TUTORIAL,
+        "per_device_train_batch_size": settings.batch_size or TUTORIAL["per_device_train_batch_size"],
+    }
     args = SFTConfig(
         output_dir=str(Path(settings.work_dir) / "tutorial-run"),
         **settings_used,
@@ -500,7 +539,9 @@ def measure_arm(arm: str, settings: Settings) -> dict:
     datasets.disable_progress_bars()
     synchronize = torch.cuda.synchronize if settings.device == "cuda" else (lambda: None)
     config = AutoConfig.from_pretrained(settings.base_dir)
-    dataset = datasets.Dataset.from_list(synthetic_examples(settings, config.vocab_size, config.bos_token_id, config.eos_token_id))
+    dataset = datasets.Dataset.from_list(
+        synthetic_examples(settings, config.vocab_size, config.bos_token_id, config.eos_token_id)
+    )
     baseline = reset_peak_memory(settings.device)
     trainer = TRAINERS[arm](settings, dataset)
     counter, timer = TokenCounter(trainer.data_collator), step_timer(synchronize)
@@ -512,13 +553,15 @@ def measure_arm(arm: str, settings: Settings) -> dict:
     seconds, batches, accumulation = timer.step_seconds(), counter.batches, setup["grad_accum"]
     steps = len(seconds)
     if steps != math.ceil(len(batches) / accumulation):
-        raise RuntimeError(f"{arm}: {steps} optimizer steps timed for {len(batches)} micro-batches at accumulation {accumulation}")
+        raise RuntimeError(
+            f"{arm}: {steps} optimizer steps timed for {len(batches)} micro-batches at accumulation {accumulation}"
+        )
     if steps <= settings.warmup:
         raise RuntimeError(
             f"{arm}: the epoch is {steps} optimizer steps, not more than the {settings.warmup} warm-up ones; "
             "give more --examples (or --steps), or fewer --warmup"
         )
-    measured = batches[settings.warmup * accumulation:]
+    measured = batches[settings.warmup * accumulation :]
     # Varlen flash and flex attention attend within each example; sdpa and eager take a dense mask over the whole row.
     per_example = any(kernel in str(setup["attention"]) for kernel in ("flash", "flex"))
     allocator_peak = peak_memory(settings.device, baseline)
@@ -537,7 +580,7 @@ def measure_arm(arm: str, settings: Settings) -> dict:
         "tokens_per_step": real / steps,
         "padding_share": 1 - real / sum(batch.computed for batch in batches),
         "measured_steps": steps - settings.warmup,
-        "measured_seconds": sum(seconds[settings.warmup:]),
+        "measured_seconds": sum(seconds[settings.warmup :]),
         "measured_real_tokens": sum(batch.real for batch in measured),
         "measured_computed_tokens": sum(batch.computed for batch in measured),
         "measured_model_pairs": sum(causal_pairs(length) for batch in measured for length in batch.examples),
@@ -558,7 +601,9 @@ def run_in_fresh_process(arm: str, settings: Settings) -> dict:
     command = [sys.executable, "-m", "qlora_cli.bench", "--worker", arm, str(spec), str(result)]
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
-        raise RuntimeError(f"arm {arm} failed (exit {completed.returncode}):\n{(completed.stdout + completed.stderr)[-6000:]}")
+        raise RuntimeError(
+            f"arm {arm} failed (exit {completed.returncode}):\n{(completed.stdout + completed.stderr)[-6000:]}"
+        )
     return json.loads(result.read_text())
 
 
@@ -630,7 +675,11 @@ def device_name(device: str) -> str:
 
     if device == "cuda":
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+    models = [
+        line.split(":", 1)[1].strip()
+        for line in Path("/proc/cpuinfo").read_text().splitlines()
+        if line.startswith("model name")
+    ]
     return f"{models[0] if models else platform.processor() or 'CPU'}, {len(models) or '?'} cores (CPU)"
 
 
@@ -683,8 +732,14 @@ def summarise(rows: list[dict], flops: FlopModel, peak_flops: float) -> None:
 def targets(report: dict) -> list[tuple[str, bool]]:
     qlora = next(row for row in report["rows"] if row["arm"] == "qlora")
     return [
-        (f"(c) real tokens/s >= {TARGET_SPEEDUP:.1f}x (a): {qlora['speedup']:.2f}x", qlora["speedup"] >= TARGET_SPEEDUP),
-        (f"(c) peak memory <= {TARGET_MEMORY_RATIO:.1f}x (a): {qlora['memory_ratio']:.2f}x", qlora["memory_ratio"] <= TARGET_MEMORY_RATIO),
+        (
+            f"(c) real tokens/s >= {TARGET_SPEEDUP:.1f}x (a): {qlora['speedup']:.2f}x",
+            qlora["speedup"] >= TARGET_SPEEDUP,
+        ),
+        (
+            f"(c) peak memory <= {TARGET_MEMORY_RATIO:.1f}x (a): {qlora['memory_ratio']:.2f}x",
+            qlora["memory_ratio"] <= TARGET_MEMORY_RATIO,
+        ),
         (f"(c) MFU >= {100 * TARGET_MFU:.0f}%: {100 * qlora['mfu']:.1f}%", qlora["mfu"] >= TARGET_MFU),
     ]
 
@@ -733,10 +788,20 @@ def render_table(report: dict) -> Table:
 
 
 SETTING_LABELS = {
-    "micro_batch": "per-device micro-batch", "grad_accum": "gradient accumulation", "max_length": "max_length",
-    "packing": "packing", "padding_free": "padding-free batches", "gradient_checkpointing": "gradient checkpointing",
-    "optim": "optimizer", "learning_rate": "learning rate", "lr_scheduler": "scheduler", "max_grad_norm": "max_grad_norm",
-    "bf16": "bf16", "sampler": "sampler", "attention": "attention", "liger_kernel": "liger kernels",
+    "micro_batch": "per-device micro-batch",
+    "grad_accum": "gradient accumulation",
+    "max_length": "max_length",
+    "packing": "packing",
+    "padding_free": "padding-free batches",
+    "gradient_checkpointing": "gradient checkpointing",
+    "optim": "optimizer",
+    "learning_rate": "learning rate",
+    "lr_scheduler": "scheduler",
+    "max_grad_norm": "max_grad_norm",
+    "bf16": "bf16",
+    "sampler": "sampler",
+    "attention": "attention",
+    "liger_kernel": "liger kernels",
 }
 
 
@@ -763,8 +828,11 @@ def render_markdown(report: dict) -> str:
         lines += [f"- {'met' if met else 'NOT met'}: {text}" for text, met in targets(report)]
         lines.append("")
     else:
-        lines += ["The targets ((c) >= 2x (a) in real tokens/s, <= 0.6x its peak memory, >= 40% MFU) are for an H100/H200; "
-                  "on CPU the table only shows that the benchmark works.", ""]
+        lines += [
+            "The targets ((c) >= 2x (a) in real tokens/s, <= 0.6x its peak memory, >= 40% MFU) are for an H100/H200; "
+            "on CPU the table only shows that the benchmark works.",
+            "",
+        ]
     lines += [
         "## What ran",
         "",
@@ -782,8 +850,13 @@ def render_markdown(report: dict) -> str:
         "",
         "| setting | " + " | ".join(ARMS[row["arm"]] for row in rows) + " |",
         "|---|" + "|".join("---" for _ in rows) + "|",
-        *(f"| {label} | " + " | ".join(str(row["config"][key]) for row in rows) + " |" for key, label in SETTING_LABELS.items()),
-        "| optimizer steps | " + " | ".join(f"{row['optimizer_steps']:,} ({row['measured_steps']:,} timed)" for row in rows) + " |",
+        *(
+            f"| {label} | " + " | ".join(str(row["config"][key]) for row in rows) + " |"
+            for key, label in SETTING_LABELS.items()
+        ),
+        "| optimizer steps | "
+        + " | ".join(f"{row['optimizer_steps']:,} ({row['measured_steps']:,} timed)" for row in rows)
+        + " |",
         "| real tokens per step | " + " | ".join(f"{row['tokens_per_step']:,.0f}" for row in rows) + " |",
         "| computed tokens (epoch) | " + " | ".join(f"{row['computed_tokens']:,}" for row in rows) + " |",
         "",
@@ -817,7 +890,9 @@ def render_markdown(report: dict) -> str:
         "",
         "## Versions",
         "",
-        f"Python {platform.python_version()}; " + ", ".join(f"{name} {version}" for name, version in report["versions"].items()) + ".",
+        f"Python {platform.python_version()}; "
+        + ", ".join(f"{name} {version}" for name, version in report["versions"].items())
+        + ".",
         "",
     ]
     return "\n".join(lines)
@@ -843,15 +918,25 @@ def rerun_command(args: argparse.Namespace) -> str:
 def resolve_settings(args: argparse.Namespace, device: str, scratch: str) -> Settings:
     """The epoch: --examples, or enough examples for warmup + steps optimizer steps of arm (c)."""
     settings = Settings(
-        shape=args.shape, examples=args.examples or 1, length_cap=min(args.max_length, trl_default_max_length()),
-        warmup=args.warmup, batch_size=args.batch_size, max_length=args.max_length, r=args.r, seed=args.seed,
-        device=device, base_dir=str(Path(scratch) / "base"), work_dir=scratch,
+        shape=args.shape,
+        examples=args.examples or 1,
+        length_cap=min(args.max_length, trl_default_max_length()),
+        warmup=args.warmup,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        r=args.r,
+        seed=args.seed,
+        device=device,
+        base_dir=str(Path(scratch) / "base"),
+        work_dir=scratch,
     )
     if args.examples:
         return settings
     train = qlora_recipe(settings).train
     tokens_per_step = train.batch_size * train.grad_accum * args.max_length
-    return dataclasses.replace(settings, examples=examples_for_steps(args.steps, args.warmup, tokens_per_step, args.max_length))
+    return dataclasses.replace(
+        settings, examples=examples_for_steps(args.steps, args.warmup, tokens_per_step, args.max_length)
+    )
 
 
 def run(args: argparse.Namespace, device: str) -> dict:
@@ -871,12 +956,23 @@ def run(args: argparse.Namespace, device: str) -> dict:
             peak_flops, peak_source = args.peak_tflops * 1e12, "stated with --peak-tflops"
         else:
             peak_flops = matmul_peak_flops(device)
-            peak_source = f"measured: dense {'bf16 8192' if device == 'cuda' else 'fp32 1024'}-square matmuls on this device"
+            peak_source = (
+                f"measured: dense {'bf16 8192' if device == 'cuda' else 'fp32 1024'}-square matmuls on this device"
+            )
         rows = []
         for arm, label in ARMS.items():
-            log.info("%s: loading in 4-bit and training one epoch of %d examples in a fresh process", label, settings.examples)
+            log.info(
+                "%s: loading in 4-bit and training one epoch of %d examples in a fresh process",
+                label,
+                settings.examples,
+            )
             rows.append(run_in_fresh_process(arm, settings))
-            log.info("%s: %d optimizer steps of %.0f real tokens", label, rows[-1]["optimizer_steps"], rows[-1]["tokens_per_step"])
+            log.info(
+                "%s: %d optimizer steps of %.0f real tokens",
+                label,
+                rows[-1]["optimizer_steps"],
+                rows[-1]["tokens_per_step"],
+            )
     check_same_examples(rows, data["fingerprint"], data["examples"], data["real_tokens"])
     flops = flop_model(config, settings.r)
     summarise(rows, flops, peak_flops)
@@ -895,7 +991,8 @@ def run(args: argparse.Namespace, device: str) -> dict:
         "peak_flops": peak_flops,
         "peak_flops_source": peak_source,
         "memory_kind": "torch.cuda.max_memory_allocated() since before loading the model, plus bitsandbytes' paged "
-        "optimizer state (CUDA managed memory, outside torch's allocator)" if device == "cuda"
+        "optimizer state (CUDA managed memory, outside torch's allocator)"
+        if device == "cuda"
         else "growth of peak RSS (VmHWM, reset before loading the model) over the RSS after imports",
         "versions": library_versions(),
         "rows": rows,
@@ -904,16 +1001,28 @@ def run(args: argparse.Namespace, device: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m qlora_cli.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", choices=SHAPES, help="model shape (default: mistral7b on CUDA, small on CPU; tiny: a smoke test)")
-    parser.add_argument("--steps", type=int, help="size the epoch for this many timed optimizer steps of arm (c), the one "
-                        "with the most tokens per step; the other arms take more, smaller steps (default: per shape)")
-    parser.add_argument("--warmup", type=int, help="optimizer steps each arm runs before the clock starts (default: per shape)")
+    parser.add_argument(
+        "--shape", choices=SHAPES, help="model shape (default: mistral7b on CUDA, small on CPU; tiny: a smoke test)"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="size the epoch for this many timed optimizer steps of arm (c), the one "
+        "with the most tokens per step; the other arms take more, smaller steps (default: per shape)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, help="optimizer steps each arm runs before the clock starts (default: per shape)"
+    )
     parser.add_argument("--examples", type=int, help="examples in the epoch, instead of sizing it from --steps")
     parser.add_argument("--batch-size", type=int, help="micro-batch of every arm (default: each arm's own: 4, 8, 4)")
-    parser.add_argument("--max-length", type=int, help="max_length of arms (a) and (c) (default: 2048 for mistral7b, 256 for small)")
+    parser.add_argument(
+        "--max-length", type=int, help="max_length of arms (a) and (c) (default: 2048 for mistral7b, 256 for small)"
+    )
     parser.add_argument("--r", type=int, help="LoRA rank (default: 64 for mistral7b, 8 for small)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU and HFU (default: measured with a matmul)")
+    parser.add_argument(
+        "--peak-tflops", type=float, help="device peak TFLOP/s for MFU and HFU (default: measured with a matmul)"
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--markdown", type=Path, help="write a report here, e.g. BENCHMARKS.md")
     parser.add_argument("--worker", nargs=3, metavar=("ARM", "SETTINGS", "RESULT"), help=argparse.SUPPRESS)

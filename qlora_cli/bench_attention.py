@@ -59,7 +59,9 @@ def held_tensors(value, seen: set[int] | None = None) -> list:
     if isinstance(value, (tuple, list)):
         return [tensor for item in value for tensor in held_tensors(item, seen)]
     cells = getattr(value, "__closure__", None) or ()
-    return [tensor for cell in cells if cell.cell_contents is not None for tensor in held_tensors(cell.cell_contents, seen)]
+    return [
+        tensor for cell in cells if cell.cell_contents is not None for tensor in held_tensors(cell.cell_contents, seen)
+    ]
 
 
 def nbytes(tensors: list) -> int:
@@ -76,7 +78,9 @@ def measure_mask(kernel: str, positions: list[int]) -> dict:
     position_ids = torch.tensor([positions])
     embeds = torch.empty(1, len(positions), 1)  # only its shape, dtype and device are read
     started = time.perf_counter()
-    mask = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=None, cache=None, position_ids=position_ids)
+    mask = create_causal_mask(
+        config=config, inputs_embeds=embeds, attention_mask=None, cache=None, position_ids=position_ids
+    )
     seconds = time.perf_counter() - started
     tensors = held_tensors(mask)
     return {
@@ -176,7 +180,17 @@ def main() -> None:
         print("\none forward of the tiny base (4-bit NF4, fp32 compute), fresh process per kernel")
         print(f"{'kernel':<16} {'1st call':>9} {'peak RSS growth':>16} {'2nd call':>9} {'peak RSS growth':>16}")
         for kernel in KERNELS:
-            command = [sys.executable, "-m", "qlora_cli.bench_attention", "--forward-only", kernel, "--rows", str(args.rows), "--length", str(args.length)]
+            command = [
+                sys.executable,
+                "-m",
+                "qlora_cli.bench_attention",
+                "--forward-only",
+                kernel,
+                "--rows",
+                str(args.rows),
+                "--length",
+                str(args.length),
+            ]
             environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(caches.name, kernel)}
             done = subprocess.run(command, check=True, capture_output=True, text=True, env=environment)
             row = json.loads(done.stdout.strip().splitlines()[-1])

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import qlora_cli  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads, via the imports below)
 
+# isort: split
+
 import argparse
 import json
 import logging
@@ -86,11 +88,13 @@ def synthetic_alpaca(rows: int, seed: int = 0) -> list[dict]:
     data = []
     for _ in range(rows):
         has_input = rng.random() < 0.4
-        data.append({
-            "instruction": english_like(rng, word_count(rng, median=12, sigma=0.5, cap=120)),
-            "input": english_like(rng, word_count(rng, median=15, sigma=0.9, cap=400)) if has_input else "",
-            "output": english_like(rng, word_count(rng, median=35, sigma=1.0, cap=800)),
-        })
+        data.append(
+            {
+                "instruction": english_like(rng, word_count(rng, median=12, sigma=0.5, cap=120)),
+                "input": english_like(rng, word_count(rng, median=15, sigma=0.9, cap=400)) if has_input else "",
+                "output": english_like(rng, word_count(rng, median=35, sigma=1.0, cap=800)),
+            }
+        )
     return data
 
 
@@ -132,7 +136,13 @@ def run(rows: int, max_length: int, seed: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="qlora-bench-data-") as scratch:
         path = write_jsonl(synthetic_alpaca(rows, seed), Path(scratch) / "alpaca.jsonl")
         section = DataSection.model_validate({"path": str(path), "max_length": max_length})
-        log.info("%d synthetic alpaca rows in %s (%.1f MB); tokenizer: %s", rows, path.name, path.stat().st_size / 1e6, tokenizer_name)
+        log.info(
+            "%d synthetic alpaca rows in %s (%.1f MB); tokenizer: %s",
+            rows,
+            path.name,
+            path.stat().st_size / 1e6,
+            tokenizer_name,
+        )
         read, read_seconds = timed(read_rows, section.path)
         _, check_seconds = timed(check_rows, read, section.path)
         data, build_seconds = timed(build_dataset, section, tokenizer)
@@ -178,7 +188,9 @@ def render(result: dict) -> Table:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m qlora_cli.bench_data", description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=50_000, help="alpaca rows to generate (default 50000, alpaca's size)")
+    parser.add_argument(
+        "--rows", type=int, default=50_000, help="alpaca rows to generate (default 50000, alpaca's size)"
+    )
     parser.add_argument("--max-length", type=int, default=2048, help="data.max_length and packed row length in tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results here")

@@ -40,21 +40,43 @@ def build_tokenizer(vocab_size: int):
     fillers = (f"w{number}" for number in range(vocab_size))
     vocabulary = [*SPECIAL_TOKENS, *words]
     vocabulary += [next(fillers) for _ in range(vocab_size - len(vocabulary))]
-    tokenizer = Tokenizer(models.WordLevel({word: index for index, word in enumerate(vocabulary[:vocab_size])}, unk_token="<unk>"))
+    tokenizer = Tokenizer(
+        models.WordLevel({word: index for index, word in enumerate(vocabulary[:vocab_size])}, unk_token="<unk>")
+    )
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
+    )
 
 
-def build_base(folder: Path, *, layers: int, hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int, shards: int, seed: int = 0):
+def build_base(
+    folder: Path,
+    *,
+    layers: int,
+    hidden: int,
+    intermediate: int,
+    vocab: int,
+    heads: int,
+    kv_heads: int,
+    shards: int,
+    seed: int = 0,
+):
     """A random Mistral-shaped model saved in bf16 as at least `shards` safetensors files; returns it (bf16)."""
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(seed)
     config = MistralConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
     )
     model = MistralForCausalLM(config).to(torch.bfloat16)
     total_bytes = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
@@ -66,7 +88,15 @@ def build_base(folder: Path, *, layers: int, hidden: int, intermediate: int, voc
 
 
 def build_adapter(
-    model, base_dir: Path, adapter_dir: Path, *, name: str = "synthetic", r: int = 8, alpha: float = 16.0, compute_dtype: str = "bfloat16", seed: int = 0
+    model,
+    base_dir: Path,
+    adapter_dir: Path,
+    *,
+    name: str = "synthetic",
+    r: int = 8,
+    alpha: float = 16.0,
+    compute_dtype: str = "bfloat16",
+    seed: int = 0,
 ) -> Path:
     """A LoRA adapter folder as `qlora train` writes it, with random non-zero lora_B so merging changes weights.
     Takes `model` (from build_base) and wraps it with peft in place."""
@@ -78,7 +108,9 @@ def build_adapter(
     from qlora_cli.recipe import DataSection, LoraSection, ModelSection, Recipe, TrainSection
 
     torch.manual_seed(seed + 1)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
     with torch.no_grad():
         for parameter_name, parameter in peft_model.named_parameters():
             if "lora_B" in parameter_name:
@@ -94,8 +126,13 @@ def build_adapter(
     )
     (adapter_dir / "recipe.yaml").write_text(recipe.to_yaml())
     adapters.write_metadata(
-        adapter_dir, name=name, base=base_model_record(section, Path(base_dir)), template="alpaca", task="forward",
-        lora={"r": r, "alpha": alpha, "target_modules": "all-linear"}, metrics={},
+        adapter_dir,
+        name=name,
+        base=base_model_record(section, Path(base_dir)),
+        template="alpaca",
+        task="forward",
+        lora={"r": r, "alpha": alpha, "target_modules": "all-linear"},
+        metrics={},
     )
     return adapter_dir
 
@@ -135,7 +172,16 @@ def proc_status_mib(field: str) -> float:
 
 
 def run_in_fresh_process(method: str, base_dir: Path, adapter_dir: Path, out_dir: Path) -> dict:
-    command = [sys.executable, "-m", "qlora_cli.bench_merge", "--measure", method, str(base_dir), str(adapter_dir), str(out_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "qlora_cli.bench_merge",
+        "--measure",
+        method,
+        str(base_dir),
+        str(adapter_dir),
+        str(out_dir),
+    ]
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         raise RuntimeError(f"{method} failed:\n{completed.stderr[-4000:]}")
@@ -166,14 +212,29 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(measure(method, Path(base_dir), Path(adapter_dir), Path(out_dir))))
         return
     if args.small:
-        args.layers, args.hidden, args.intermediate, args.vocab, args.heads, args.kv_heads, args.shards, args.r = 2, 64, 128, 128, 4, 2, 4, 4
+        args.layers, args.hidden, args.intermediate, args.vocab, args.heads, args.kv_heads, args.shards, args.r = (
+            2,
+            64,
+            128,
+            128,
+            4,
+            2,
+            4,
+            4,
+        )
 
     with tempfile.TemporaryDirectory(prefix="qlora-bench-merge-") as scratch:
         scratch = Path(scratch)
         base_dir, adapter_dir = scratch / "base", scratch / "adapter"
         model = build_base(
-            base_dir, layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, vocab=args.vocab,
-            heads=args.heads, kv_heads=args.kv_heads, shards=args.shards,
+            base_dir,
+            layers=args.layers,
+            hidden=args.hidden,
+            intermediate=args.intermediate,
+            vocab=args.vocab,
+            heads=args.heads,
+            kv_heads=args.kv_heads,
+            shards=args.shards,
         )
         build_adapter(model, base_dir, adapter_dir, r=args.r)
         del model
@@ -187,10 +248,19 @@ def main(argv: list[str] | None = None) -> None:
     for column in ("method", "peak RSS MiB", "RSS after imports MiB", "seconds", "ratio"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
-        table.add_row(row["method"], f"{row['peak_rss_mib']:.0f}", f"{row['imports_rss_mib']:.0f}", f"{row['seconds']:.1f}", f"{row['ratio']:.2f}")
+        table.add_row(
+            row["method"],
+            f"{row['peak_rss_mib']:.0f}",
+            f"{row['imports_rss_mib']:.0f}",
+            f"{row['seconds']:.1f}",
+            f"{row['ratio']:.2f}",
+        )
     Console().print(table)
     if args.json:
-        args.json.write_text(json.dumps({"model_mib": round(model_mib, 1), "shards": shard_count, "r": args.r, "rows": rows}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({"model_mib": round(model_mib, 1), "shards": shard_count, "r": args.r, "rows": rows}, indent=2)
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import qlora_cli  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 
+# isort: split
+
 import argparse
 import dataclasses
 import datetime
@@ -52,17 +54,43 @@ SEED = 0
 SHAPES = {
     "mistral7b": {"config": {}, "max_length": None},
     "small": {
-        "config": {"vocab_size": 1024, "hidden_size": 256, "intermediate_size": 640, "num_hidden_layers": 4,
-                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024},
+        "config": {
+            "vocab_size": 1024,
+            "hidden_size": 256,
+            "intermediate_size": 640,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 1024,
+        },
         "max_length": 128,
     },
 }
 LIBRARIES = (
-    "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "pydantic", "liger-kernel",
-    "safetensors", "tokenizers", "huggingface-hub", "triton", "numpy", "pytest",
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "bitsandbytes",
+    "accelerate",
+    "datasets",
+    "pydantic",
+    "liger-kernel",
+    "safetensors",
+    "tokenizers",
+    "huggingface-hub",
+    "triton",
+    "numpy",
+    "pytest",
 )
 # Steps of scripts/gpu-check.sh whose output files this report reads.
-PLAN_JSON, BENCH_JSON, BENCH_MARKDOWN, PYTEST_XML, STEPS_TSV = "plan.json", "bench.json", "bench.md", "pytest.xml", "steps.tsv"
+PLAN_JSON, BENCH_JSON, BENCH_MARKDOWN, PYTEST_XML, STEPS_TSV = (
+    "plan.json",
+    "bench.json",
+    "bench.md",
+    "pytest.xml",
+    "steps.tsv",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +103,9 @@ class Configuration:
 
     @property
     def name(self) -> str:
-        return f"r={self.r}, {self.batch_size} x {self.max_length}" + ("" if self.gradient_checkpointing else ", no checkpointing")
+        return f"r={self.r}, {self.batch_size} x {self.max_length}" + (
+            "" if self.gradient_checkpointing else ", no checkpointing"
+        )
 
 
 # Three settings that move different terms of the estimate: weights and adapter at a small batch, activations at
@@ -98,23 +128,25 @@ def recipe_for(configuration: Configuration, base_dir: str, device: str, work_di
     LoRA on all linears, packing, paged AdamW 32-bit) with this configuration's rank, batch, length and checkpointing."""
     from qlora_cli.recipe import Recipe
 
-    return Recipe.model_validate({
-        "model": {"id": base_dir, "device": device, "compute_dtype": "bfloat16" if device == "cuda" else "float32"},
-        "lora": {"name": "plan-check", "r": configuration.r, "alpha": 2.0 * configuration.r},
-        "data": {"path": "synthetic", "max_length": configuration.max_length},
-        "train": {
-            "output_dir": str(Path(work_dir) / "run"),
-            "batch_size": configuration.batch_size,
-            "grad_accum": 1,
-            "max_steps": STEPS,
-            "save_steps": STEPS + 1,
-            "logging_steps": 1,
-            "optim": "paged_adamw_32bit",
-            "gradient_checkpointing": configuration.gradient_checkpointing,
-            "report_to": [],
-            "seed": SEED,
-        },
-    })
+    return Recipe.model_validate(
+        {
+            "model": {"id": base_dir, "device": device, "compute_dtype": "bfloat16" if device == "cuda" else "float32"},
+            "lora": {"name": "plan-check", "r": configuration.r, "alpha": 2.0 * configuration.r},
+            "data": {"path": "synthetic", "max_length": configuration.max_length},
+            "train": {
+                "output_dir": str(Path(work_dir) / "run"),
+                "batch_size": configuration.batch_size,
+                "grad_accum": 1,
+                "max_steps": STEPS,
+                "save_steps": STEPS + 1,
+                "logging_steps": 1,
+                "optim": "paged_adamw_32bit",
+                "gradient_checkpointing": configuration.gradient_checkpointing,
+                "report_to": [],
+                "seed": SEED,
+            },
+        }
+    )
 
 
 def predict(recipe) -> dict:
@@ -137,7 +169,9 @@ def write_config(shape: str, base_dir: Path) -> dict:
     from qlora_cli.demo.pretrain import build_tokenizer
 
     tokenizer = build_tokenizer([])  # only its special tokens matter: the data is token ids already
-    config = MistralConfig(**SHAPES[shape]["config"], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = MistralConfig(
+        **SHAPES[shape]["config"], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+    )
     base_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
@@ -280,7 +314,10 @@ def measure(recipe_data: dict) -> dict:
     loaded = {"load_peak_bytes": None, "after_load_bytes": None}
     if cuda:
         torch.cuda.synchronize()
-        loaded = {"load_peak_bytes": int(torch.cuda.max_memory_allocated()), "after_load_bytes": int(torch.cuda.memory_allocated())}
+        loaded = {
+            "load_peak_bytes": int(torch.cuda.max_memory_allocated()),
+            "after_load_bytes": int(torch.cuda.memory_allocated()),
+        }
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     trainer.train()
@@ -336,7 +373,9 @@ def run_measure(shape: str, device: str, json_path: Path | None = None) -> dict:
         "command": f"python -m qlora_cli.bench_plan measure --shape {shape}",
         "rows": rows,
     }
-    with tempfile.TemporaryDirectory(prefix="qlora-plan-", dir=scratch_parent(15 * 10**9 if shape == "mistral7b" else 10**8)) as scratch:
+    with tempfile.TemporaryDirectory(
+        prefix="qlora-plan-", dir=scratch_parent(15 * 10**9 if shape == "mistral7b" else 10**8)
+    ) as scratch:
         base_dir = Path(scratch) / "base"
         log.info("building a random %s base in %s", shape, base_dir)
         started = time.perf_counter()
@@ -347,7 +386,12 @@ def run_measure(shape: str, device: str, json_path: Path | None = None) -> dict:
             work_dir.mkdir()
             recipe = recipe_for(configuration, str(base_dir), device, str(work_dir))
             row = {"name": configuration.name, **dataclasses.asdict(configuration), **predict(recipe)}
-            log.info("%s: predicted %.2f GiB; training %d steps in a fresh process", configuration.name, row["predicted_bytes"] / GIB, STEPS)
+            log.info(
+                "%s: predicted %.2f GiB; training %d steps in a fresh process",
+                configuration.name,
+                row["predicted_bytes"] / GIB,
+                STEPS,
+            )
             row.update(measure_in_fresh_process(recipe, work_dir, index))
             rows.append(compare(row))
             if rows[-1].get("error"):
@@ -393,13 +437,29 @@ def print_plan_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"qlora plan against torch.cuda.max_memory_allocated, {report['shape']} shape, {report['steps']} steps each")
-    for column in ("configuration", "tokens/step", "predicted GiB", "measured GiB", "error", f"within {TARGET_ERROR:.0%}"):
+    table = Table(
+        title=f"qlora plan against torch.cuda.max_memory_allocated, {report['shape']} shape, {report['steps']} steps each"
+    )
+    for column in (
+        "configuration",
+        "tokens/step",
+        "predicted GiB",
+        "measured GiB",
+        "error",
+        f"within {TARGET_ERROR:.0%}",
+    ):
         table.add_column(column, justify="left" if column == "configuration" else "right")
     for row in report["rows"]:
         error = "-" if row.get("error_share") is None else f"{100 * row['error_share']:+.1f}%"
         tokens = row.get("tokens_per_step") or [row["tokens_per_micro_batch"]]
-        table.add_row(row["name"], f"{max(tokens):,}", gib(row["predicted_bytes"]), gib(row.get("measured_bytes")), error, verdict(row))
+        table.add_row(
+            row["name"],
+            f"{max(tokens):,}",
+            gib(row["predicted_bytes"]),
+            gib(row.get("measured_bytes")),
+            error,
+            verdict(row),
+        )
     Console(width=None if sys.stdout.isatty() else 120).print(table)
 
 
@@ -408,14 +468,25 @@ def print_plan_table(report: dict) -> None:
 
 def device_record() -> dict:
     """The GPU, its driver and CUDA, as nvidia-smi and torch see them; what is unknown stays None."""
-    record: dict = {"gpu": None, "memory_gib": None, "driver": None, "compute_capability": None, "torch_cuda": None, "cuda_available": False}
+    record: dict = {
+        "gpu": None,
+        "memory_gib": None,
+        "driver": None,
+        "compute_capability": None,
+        "torch_cuda": None,
+        "cuda_available": False,
+    }
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
             query = "--query-gpu=name,driver_version,memory.total,compute_cap"
-            output = subprocess.run([smi, query, "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20, check=True).stdout
+            output = subprocess.run(
+                [smi, query, "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20, check=True
+            ).stdout
             name, driver, memory, capability = [part.strip() for part in output.splitlines()[0].split(",")][:4]
-            record.update(gpu=name, driver=driver, memory_gib=round(float(memory) / 1024, 1), compute_capability=capability)
+            record.update(
+                gpu=name, driver=driver, memory_gib=round(float(memory) / 1024, 1), compute_capability=capability
+            )
         except (subprocess.SubprocessError, OSError, ValueError, IndexError):
             pass
     try:
@@ -425,7 +496,11 @@ def device_record() -> dict:
         record["cuda_available"] = torch.cuda.is_available()
         if torch.cuda.is_available() and record["gpu"] is None:
             properties = torch.cuda.get_device_properties(0)
-            record.update(gpu=properties.name, memory_gib=round(properties.total_memory / GIB, 1), compute_capability=f"{properties.major}.{properties.minor}")
+            record.update(
+                gpu=properties.name,
+                memory_gib=round(properties.total_memory / GIB, 1),
+                compute_capability=f"{properties.major}.{properties.minor}",
+            )
     except Exception as error:  # a broken torch install is itself a finding for the report
         record["torch_error"] = f"{type(error).__name__}: {error}"
     return record
@@ -441,8 +516,15 @@ def read_steps(path: Path) -> list[dict]:
         if len(parts) < 5:
             continue
         name, code, seconds, budget, command = parts[:5]
-        steps.append({"name": name, "exit_code": int(code) if code.lstrip("-").isdigit() else None,
-                      "seconds": int(seconds), "budget_seconds": int(budget), "command": command})
+        steps.append(
+            {
+                "name": name,
+                "exit_code": int(code) if code.lstrip("-").isdigit() else None,
+                "seconds": int(seconds),
+                "budget_seconds": int(budget),
+                "command": command,
+            }
+        )
     return steps
 
 
@@ -476,8 +558,15 @@ def read_tests(path: Path) -> list[dict]:
                 message = text.splitlines()[0][:300] if text else ""
                 break
         properties = {item.get("name"): item.get("value") for item in case.iter("property")}
-        tests.append({"name": case.get("name"), "outcome": outcome, "seconds": round(float(case.get("time") or 0), 1),
-                      "message": message, "properties": properties})
+        tests.append(
+            {
+                "name": case.get("name"),
+                "outcome": outcome,
+                "seconds": round(float(case.get("time") or 0), 1),
+                "message": message,
+                "properties": properties,
+            }
+        )
     return tests
 
 
@@ -515,8 +604,13 @@ def build_report(work: Path, command: str, budget_seconds: int | None) -> dict:
     if plan_report:
         for row in plan_report["rows"]:
             if row.get("within_target") is not None:
-                targets.append({"target": f"plan within {TARGET_ERROR:.0%} of measured peak: {row['name']}",
-                                "met": bool(row["within_target"]), "value": f"{100 * row['error_share']:+.1f}%"})
+                targets.append(
+                    {
+                        "target": f"plan within {TARGET_ERROR:.0%} of measured peak: {row['name']}",
+                        "met": bool(row["within_target"]),
+                        "value": f"{100 * row['error_share']:+.1f}%",
+                    }
+                )
     benchmark = read_json(work / BENCH_JSON)
     targets += benchmark_targets(benchmark)
     return {
@@ -548,13 +642,17 @@ def benchmark_targets(benchmark: dict | None) -> list[dict]:
     try:
         return [{"target": f"benchmark: {text}", "met": bool(met), "value": ""} for text, met in targets(benchmark)]
     except (KeyError, StopIteration, TypeError) as error:  # a partial JSON from a benchmark stopped by its budget
-        return [{"target": f"benchmark: targets unreadable ({type(error).__name__}: {error})", "met": False, "value": ""}]
+        return [
+            {"target": f"benchmark: targets unreadable ({type(error).__name__}: {error})", "met": False, "value": ""}
+        ]
 
 
 def git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parent.parent
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
     except (subprocess.SubprocessError, OSError):
         return None
 
@@ -562,12 +660,16 @@ def git_commit() -> str | None:
 def render_report(report: dict, bench_markdown: str | None) -> str:
     device = report["device"]
     gpu = device["gpu"] or "no GPU"
-    details = ", ".join(part for part in (
-        f"{device['memory_gib']} GiB" if device["memory_gib"] else "",
-        f"driver {device['driver']}" if device["driver"] else "",
-        f"CUDA {device['torch_cuda']} (torch)" if device["torch_cuda"] else "",
-        f"compute capability {device['compute_capability']}" if device["compute_capability"] else "",
-    ) if part)
+    details = ", ".join(
+        part
+        for part in (
+            f"{device['memory_gib']} GiB" if device["memory_gib"] else "",
+            f"driver {device['driver']}" if device["driver"] else "",
+            f"CUDA {device['torch_cuda']} (torch)" if device["torch_cuda"] else "",
+            f"compute capability {device['compute_capability']}" if device["compute_capability"] else "",
+        )
+        if part
+    )
     budget = f" of a {report['budget_seconds']} s budget" if report["budget_seconds"] else ""
     commit = f", commit {report['commit'][:12]}" if report["commit"] else ""
     lines = [
@@ -587,13 +689,17 @@ def render_report(report: dict, bench_markdown: str | None) -> str:
         "",
         "| step | result | seconds | budget s | command |",
         "|---|---|---:|---:|---|",
-        *(f"| {step['name']} | {step_status(step)} | {step['seconds']} | {step['budget_seconds']} | `{step['command']}` |" for step in report["steps"]),
+        *(
+            f"| {step['name']} | {step_status(step)} | {step['seconds']} | {step['budget_seconds']} | `{step['command']}` |"
+            for step in report["steps"]
+        ),
         "",
     ]
     if report["targets"]:
         lines += ["## Targets", ""]
         lines += [
-            f"- {'met' if target['met'] else 'NOT met'}: {target['target']}" + (f" ({target['value']})" if target["value"] else "")
+            f"- {'met' if target['met'] else 'NOT met'}: {target['target']}"
+            + (f" ({target['value']})" if target["value"] else "")
             for target in report["targets"]
         ]
         lines.append("")
@@ -658,13 +764,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qlora_cli.bench_plan", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     measure_parser = commands.add_parser("measure", help="predict and measure peak memory for three configurations")
-    measure_parser.add_argument("--shape", choices=SHAPES, help="model shape (default: mistral7b on CUDA, small on CPU)")
+    measure_parser.add_argument(
+        "--shape", choices=SHAPES, help="model shape (default: mistral7b on CUDA, small on CPU)"
+    )
     measure_parser.add_argument("--json", type=Path, help="write the results here")
     report_parser = commands.add_parser("report", help="BENCHMARKS.md and gpu-check.json from a gpu-check work folder")
-    report_parser.add_argument("work", type=Path, help="the folder scripts/gpu-check.sh wrote steps.tsv and the step outputs to")
+    report_parser.add_argument(
+        "work", type=Path, help="the folder scripts/gpu-check.sh wrote steps.tsv and the step outputs to"
+    )
     report_parser.add_argument("--out", type=Path, required=True, help="folder for BENCHMARKS.md and gpu-check.json")
     report_parser.add_argument(
-        "--command", dest="recorded_command", default="bash scripts/gpu-check.sh", help="the command that ran the check, as recorded"
+        "--command",
+        dest="recorded_command",
+        default="bash scripts/gpu-check.sh",
+        help="the command that ran the check, as recorded",
     )
     report_parser.add_argument("--budget", type=int, help="the check's time budget in seconds, as recorded")
     worker_parser = commands.add_parser("worker")  # one configuration in a fresh process (internal)

@@ -1,6 +1,6 @@
 """How instant the CLI feels: `qlora --help` against importing the ML stack, in one run.
 
-    python -m qlora_cli.bench_startup [--runs 5]
+python -m qlora_cli.bench_startup [--runs 5]
 """
 
 from __future__ import annotations
@@ -13,7 +13,13 @@ import time
 
 COMMANDS = {
     "qlora --help": [sys.executable, "-m", "qlora_cli", "--help"],
-    "qlora validate recipes/mistral7b-alpaca.yaml": [sys.executable, "-m", "qlora_cli", "validate", "recipes/mistral7b-alpaca.yaml"],
+    "qlora validate recipes/mistral7b-alpaca.yaml": [
+        sys.executable,
+        "-m",
+        "qlora_cli",
+        "validate",
+        "recipes/mistral7b-alpaca.yaml",
+    ],
     "import torch, transformers, peft, trl": [sys.executable, "-c", "import torch, transformers, peft, trl"],
 }
 

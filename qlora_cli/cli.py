@@ -11,7 +11,6 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -27,7 +26,9 @@ log = logging.getLogger("qlora_cli")
 
 RecipeArg = typer.Argument(..., help="Recipe YAML file, e.g. recipes/tiny-sql.yaml.", show_default=False)
 SetOpt = typer.Option([], "--set", help="Override one recipe key: --set lora.r=16 (repeatable).")
-AdaptersDirOpt = typer.Option(None, "--adapters-dir", help="Adapters home (default: $QLORA_ADAPTERS_DIR or ./adapters).")
+AdaptersDirOpt = typer.Option(
+    None, "--adapters-dir", help="Adapters home (default: $QLORA_ADAPTERS_DIR or ./adapters)."
+)
 
 
 def _quiet_libraries() -> None:
@@ -37,16 +38,30 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
-    for noisy in ("bitsandbytes", "datasets", "accelerate", "peft", "trl", "transformers", "httpx", "huggingface_hub", "matplotlib"):
+    for noisy in (
+        "bitsandbytes",
+        "datasets",
+        "accelerate",
+        "peft",
+        "trl",
+        "transformers",
+        "httpx",
+        "huggingface_hub",
+        "matplotlib",
+    ):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 @app.callback()
-def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logs and library warnings.")) -> None:
+def _setup(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logs and library warnings."),
+) -> None:
     from rich.logging import RichHandler
 
     handler = RichHandler(show_path=False, show_time=False, markup=False, console=_stderr())
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler], force=True)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler], force=True
+    )
     if not verbose:
         _quiet_libraries()
 
@@ -70,10 +85,20 @@ def validate(recipe: str = RecipeArg, overrides: list[str] = SetOpt) -> None:
 def train(
     recipe: str = RecipeArg,
     overrides: list[str] = SetOpt,
-    dry_run: bool = typer.Option(False, "--dry-run", help="Show the resolved recipe, one example with its loss mask and the parameter count; train nothing."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing adapter and run folder made by qlora (with --resume: accept a changed recipe)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its newest complete checkpoint."),
-    adapters_dir: Optional[str] = AdaptersDirOpt,
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Show the resolved recipe, one example with its loss mask and the parameter count; train nothing.",
+    ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Replace an existing adapter and run folder made by qlora (with --resume: accept a changed recipe).",
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue an interrupted run from its newest complete checkpoint."
+    ),
+    adapters_dir: str | None = AdaptersDirOpt,
 ) -> None:
     """Fine-tune a LoRA adapter on a 4-bit base, as the recipe says."""
     from qlora_cli.recipe import load_recipe
@@ -85,7 +110,7 @@ def train(
 
 
 @app.command()
-def doctor(recipe: Optional[str] = typer.Argument(None, help="Also check disk room for this recipe's model.")) -> None:
+def doctor(recipe: str | None = typer.Argument(None, help="Also check disk room for this recipe's model.")) -> None:
     """Check Python, torch and CUDA, the GPU, bitsandbytes, disk and the hub, before downloading anything."""
     from qlora_cli import doctor as doctor_stage
     from qlora_cli.recipe import load_recipe
@@ -103,9 +128,13 @@ def doctor(recipe: Optional[str] = typer.Argument(None, help="Also check disk ro
 def plan(
     recipe: str = RecipeArg,
     overrides: list[str] = SetOpt,
-    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="GPU memory to fit in, GB (e.g. 24)."),
-    tokens_per_second: Optional[float] = typer.Option(None, "--tokens-per-second", help="Measured training throughput, for the epoch time."),
-    dataset_tokens: Optional[int] = typer.Option(None, "--dataset-tokens", help="Tokens in one epoch of the data, for the epoch time."),
+    gpu_memory: float | None = typer.Option(None, "--gpu-memory", help="GPU memory to fit in, GB (e.g. 24)."),
+    tokens_per_second: float | None = typer.Option(
+        None, "--tokens-per-second", help="Measured training throughput, for the epoch time."
+    ),
+    dataset_tokens: int | None = typer.Option(
+        None, "--dataset-tokens", help="Tokens in one epoch of the data, for the epoch time."
+    ),
 ) -> None:
     """Predict peak GPU memory and time per epoch from the model's config alone (no torch, no weights)."""
     from rich.console import Console
@@ -113,7 +142,12 @@ def plan(
     from qlora_cli import plan as plan_stage
     from qlora_cli.recipe import load_recipe
 
-    result = plan_stage.run(load_recipe(recipe, overrides), gpu_memory_gb=gpu_memory, tokens_per_second=tokens_per_second, dataset_tokens=dataset_tokens)
+    result = plan_stage.run(
+        load_recipe(recipe, overrides),
+        gpu_memory_gb=gpu_memory,
+        tokens_per_second=tokens_per_second,
+        dataset_tokens=dataset_tokens,
+    )
     Console().print(plan_stage.render(result))
     if result.fits is False:
         raise typer.Exit(2)
@@ -121,27 +155,37 @@ def plan(
 
 @app.command()
 def generate(
-    prompt: Optional[str] = typer.Argument(None, help="The instruction to answer (omit with --prompts or --chat)."),
+    prompt: str | None = typer.Argument(None, help="The instruction to answer (omit with --prompts or --chat)."),
     input_text: str = typer.Option("", "--input", help="Optional context for the instruction (alpaca's input field)."),
-    adapter: list[str] = typer.Option([], "--adapter", "-a", help="Adapter name or folder; repeat for several; 'none' is the base alone."),
-    mix: Optional[str] = typer.Option(None, "--mix", help="Weighted combination, e.g. sql=0.7,json=0.3."),
+    adapter: list[str] = typer.Option(
+        [], "--adapter", "-a", help="Adapter name or folder; repeat for several; 'none' is the base alone."
+    ),
+    mix: str | None = typer.Option(None, "--mix", help="Weighted combination, e.g. sql=0.7,json=0.3."),
     compare: bool = typer.Option(False, "--compare", help="Answer with the base and every adapter, side by side."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="JSONL of {instruction, input?, adapter?} rows: batch mode."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Batch mode: write JSONL results here (default: stdout)."),
+    prompts: Path | None = typer.Option(
+        None, "--prompts", help="JSONL of {instruction, input?, adapter?} rows: batch mode."
+    ),
+    out: Path | None = typer.Option(None, "--out", help="Batch mode: write JSONL results here (default: stdout)."),
     chat: bool = typer.Option(False, "--chat", help="Interactive: type instructions, read answers; empty line quits."),
     max_new_tokens: int = typer.Option(128, min=1),
     temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy decoding."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
     seed: int = typer.Option(0),
-    base: Optional[str] = typer.Option(None, "--base", help="Base model id or folder (default: the one the adapter recorded)."),
-    allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="Load adapters on a base whose weights differ from the recorded one."),
-    adapters_dir: Optional[str] = AdaptersDirOpt,
+    base: str | None = typer.Option(
+        None, "--base", help="Base model id or folder (default: the one the adapter recorded)."
+    ),
+    allow_base_mismatch: bool = typer.Option(
+        False, "--allow-base-mismatch", help="Load adapters on a base whose weights differ from the recorded one."
+    ),
+    adapters_dir: str | None = AdaptersDirOpt,
 ) -> None:
     """Generate with one adapter, several, a weighted mix, or none."""
     if sum(bool(mode) for mode in (prompt, prompts, chat)) != 1:
         raise QloraError("give exactly one of: a PROMPT argument, --prompts FILE, or --chat")
     if not adapter and not mix:
-        raise QloraError("name an adapter with --adapter NAME (or --adapter none for the base alone); `qlora adapters list` shows them")
+        raise QloraError(
+            "name an adapter with --adapter NAME (or --adapter none for the base alone); `qlora adapters list` shows them"
+        )
     from qlora_cli.generate import BASE, MIX, Sampling, open_session, parse_mix, read_prompts
 
     weights = parse_mix(mix) if mix else None
@@ -169,7 +213,7 @@ def generate(
             return
 
 
-def _generate_batch(session, rows: list[dict], targets: list[str], sampling, out: Optional[Path]) -> None:
+def _generate_batch(session, rows: list[dict], targets: list[str], sampling, out: Path | None) -> None:
     import json
 
     results = []
@@ -188,15 +232,31 @@ def _generate_batch(session, rows: list[dict], targets: list[str], sampling, out
 @app.command()
 def merge(
     adapter: str = typer.Option(..., "--adapter", "-a", help="Adapter name or folder to merge."),
-    out: Path = typer.Option(..., "--out", help="Folder for the standalone merged model (must not exist unless --force)."),
-    source: str = typer.Option("nf4", "--from", help="'nf4': merge into the dequantized 4-bit weights the adapter was trained on; 'original': into the 16-bit weights."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype: bfloat16, float16 or float32 (default: the recipe's compute dtype)."),
-    base: Optional[str] = typer.Option(None, "--base", help="Base model id or folder (default: the one the adapter recorded)."),
+    out: Path = typer.Option(
+        ..., "--out", help="Folder for the standalone merged model (must not exist unless --force)."
+    ),
+    source: str = typer.Option(
+        "nf4",
+        "--from",
+        help="'nf4': merge into the dequantized 4-bit weights the adapter was trained on; 'original': into the 16-bit weights.",
+    ),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="Output dtype: bfloat16, float16 or float32 (default: the recipe's compute dtype)."
+    ),
+    base: str | None = typer.Option(
+        None, "--base", help="Base model id or folder (default: the one the adapter recorded)."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an existing merged model made by qlora."),
-    allow_base_mismatch: bool = typer.Option(False, "--allow-base-mismatch", help="Merge into a base whose weights differ from the recorded one."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare the merged model's logits with base+adapter before finishing."),
-    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Largest logit difference allowed, relative to the largest logit (default by dtype)."),
-    adapters_dir: Optional[str] = AdaptersDirOpt,
+    allow_base_mismatch: bool = typer.Option(
+        False, "--allow-base-mismatch", help="Merge into a base whose weights differ from the recorded one."
+    ),
+    verify: bool = typer.Option(
+        True, "--verify/--no-verify", help="Compare the merged model's logits with base+adapter before finishing."
+    ),
+    tolerance: float | None = typer.Option(
+        None, "--tolerance", help="Largest logit difference allowed, relative to the largest logit (default by dtype)."
+    ),
+    adapters_dir: str | None = AdaptersDirOpt,
 ) -> None:
     """Merge an adapter into its base: one standalone model, streamed shard by shard, verified."""
     if source not in ("nf4", "original"):
@@ -204,25 +264,45 @@ def merge(
     from qlora_cli import merge as merge_stage
 
     summary = merge_stage.run(
-        adapter, out, source=source, dtype=dtype, base=base, home=adapters_dir, force=force,
-        allow_base_mismatch=allow_base_mismatch, verify=verify, tolerance=tolerance,
+        adapter,
+        out,
+        source=source,
+        dtype=dtype,
+        base=base,
+        home=adapters_dir,
+        force=force,
+        allow_base_mismatch=allow_base_mismatch,
+        verify=verify,
+        tolerance=tolerance,
     )
-    verified = f"NOT verified: {summary['unverified_reason']}" if not summary["verified"] else (
-        f"largest logit difference {summary['max_logit_diff']:.2e} ({100 * summary['relative_logit_diff']:.2f}% of the largest logit)"
+    verified = (
+        f"NOT verified: {summary['unverified_reason']}"
+        if not summary["verified"]
+        else (
+            f"largest logit difference {summary['max_logit_diff']:.2e} ({100 * summary['relative_logit_diff']:.2f}% of the largest logit)"
+        )
     )
-    typer.echo(f"merged {adapter} into {summary['merged']} ({summary['source']} base, {summary['dtype']}, {summary['shards']} shard(s)); {verified}")
+    typer.echo(
+        f"merged {adapter} into {summary['merged']} ({summary['source']} base, {summary['dtype']}, {summary['shards']} shard(s)); {verified}"
+    )
 
 
 @app.command(name="eval")
 def evaluate(
     data: str = typer.Option(..., "--data", help="Held-out rows: a .jsonl/.json/.csv/.parquet file or a hub dataset."),
-    adapter: list[str] = typer.Option([], "--adapter", "-a", help="Adapter name or folder; repeat; 'none' is the base."),
-    mix: Optional[str] = typer.Option(None, "--mix", help="Also evaluate a weighted combination, e.g. sql=0.5,json=0.5."),
-    max_rows: Optional[int] = typer.Option(None, "--max-rows", min=1),
-    sql: bool = typer.Option(False, "--sql", help="Also run generated and reference SQL on an in-memory SQLite database and compare results."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the results as JSON too."),
-    base: Optional[str] = typer.Option(None, "--base", help="Base model id or folder (default: the adapters' recorded base)."),
-    adapters_dir: Optional[str] = AdaptersDirOpt,
+    adapter: list[str] = typer.Option(
+        [], "--adapter", "-a", help="Adapter name or folder; repeat; 'none' is the base."
+    ),
+    mix: str | None = typer.Option(None, "--mix", help="Also evaluate a weighted combination, e.g. sql=0.5,json=0.5."),
+    max_rows: int | None = typer.Option(None, "--max-rows", min=1),
+    sql: bool = typer.Option(
+        False, "--sql", help="Also run generated and reference SQL on an in-memory SQLite database and compare results."
+    ),
+    out: Path | None = typer.Option(None, "--out", help="Write the results as JSON too."),
+    base: str | None = typer.Option(
+        None, "--base", help="Base model id or folder (default: the adapters' recorded base)."
+    ),
+    adapters_dir: str | None = AdaptersDirOpt,
 ) -> None:
     """Loss, perplexity and exact match of the base and adapters, side by side."""
     if not adapter and not mix:
@@ -246,7 +326,13 @@ def evaluate(
         table.add_column(column, justify="left" if column == "adapter" else "right")
     for result in results:
         label = f"mix {mix}" if mix and result["adapter"] == MIX else result["adapter"]
-        cells = [label, str(result["examples"]), f"{result['loss']:.3f}", f"{result['perplexity']:.2f}", f"{100 * result['exact_match']:.1f}%"]
+        cells = [
+            label,
+            str(result["examples"]),
+            f"{result['loss']:.3f}",
+            f"{result['perplexity']:.2f}",
+            f"{100 * result['exact_match']:.1f}%",
+        ]
         if sql:
             cells.append(f"{100 * result['execution_match']:.1f}%")
         table.add_row(*cells)
@@ -301,7 +387,7 @@ app.add_typer(adapters_app, name="adapters")
 
 
 @adapters_app.command("list")
-def adapters_list(adapters_dir: Optional[str] = AdaptersDirOpt) -> None:
+def adapters_list(adapters_dir: str | None = AdaptersDirOpt) -> None:
     """Every adapter in the adapters home, with its base, rank, data and metrics."""
     from rich.console import Console
     from rich.table import Table
@@ -336,7 +422,9 @@ def adapters_list(adapters_dir: Optional[str] = AdaptersDirOpt) -> None:
 
 
 @adapters_app.command("show")
-def adapters_show(name: str = typer.Argument(..., help="Adapter name or folder."), adapters_dir: Optional[str] = AdaptersDirOpt) -> None:
+def adapters_show(
+    name: str = typer.Argument(..., help="Adapter name or folder."), adapters_dir: str | None = AdaptersDirOpt
+) -> None:
     """One adapter's record and the recipe that made it."""
     import json
 

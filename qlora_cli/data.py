@@ -41,7 +41,10 @@ def rename_columns(rows: list[dict], columns: dict[str, str]) -> list[dict]:
     """Map a dataset's own column names onto the alpaca fields (data.columns)."""
     if not columns:
         return rows
-    return [{**row, **{field: row.get(column) for field, column in columns.items()}} if isinstance(row, dict) else row for row in rows]
+    return [
+        {**row, **{field: row.get(column) for field, column in columns.items()}} if isinstance(row, dict) else row
+        for row in rows
+    ]
 
 
 def read_rows(path: str, *, split: str = "train", max_rows: int | None = None) -> list[dict]:
@@ -55,12 +58,16 @@ def read_rows(path: str, *, split: str = "train", max_rows: int | None = None) -
         elif suffix in (".csv", ".parquet"):
             rows = load_dataset(suffix[1:], data_files=path, split="train").to_list()
         else:
-            raise QloraError(f"data.path: {path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+            raise QloraError(
+                f"data.path: {path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet"
+            )
     else:
         try:
             rows = load_dataset(path, split=split).to_list()
         except Exception as error:  # offline, missing, gated or mistyped ids all land here
-            raise QloraError(f"data.path: cannot load hub dataset {path!r} (split {split!r}): {type(error).__name__}: {error}") from None
+            raise QloraError(
+                f"data.path: cannot load hub dataset {path!r} (split {split!r}): {type(error).__name__}: {error}"
+            ) from None
     if max_rows is not None:
         rows = rows[:max_rows]
     if not rows:
@@ -73,7 +80,9 @@ def _read_text(path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise QloraError(f"{path}: not UTF-8: invalid byte 0x{raw[error.start]:02x} at byte offset {error.start}") from None
+        raise QloraError(
+            f"{path}: not UTF-8: invalid byte 0x{raw[error.start]:02x} at byte offset {error.start}"
+        ) from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -136,8 +145,16 @@ def valid_rows(rows: list[dict], source: str, invalid_rows: str) -> list[dict]:
     if first_bad is None:
         return rows
     if not kept:
-        raise QloraError(f"{source}: none of its {len(rows)} rows can train (first: {first_bad}); check data.path and data.columns")
-    log.warning("data.invalid_rows: dropping %d of %d rows of %s (first: %s)", len(rows) - len(kept), len(rows), source, first_bad)
+        raise QloraError(
+            f"{source}: none of its {len(rows)} rows can train (first: {first_bad}); check data.path and data.columns"
+        )
+    log.warning(
+        "data.invalid_rows: dropping %d of %d rows of %s (first: %s)",
+        len(rows) - len(kept),
+        len(rows),
+        source,
+        first_bad,
+    )
     return kept
 
 
@@ -146,7 +163,9 @@ def tokenize_example(prompt: str, completion: str, tokenizer: PreTrainedTokenize
     return tokenize_examples([prompt], [completion], tokenizer, max_length)[0]
 
 
-def tokenize_examples(prompts: list[str], completions: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[dict]:
+def tokenize_examples(
+    prompts: list[str], completions: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> list[dict]:
     """Tokenize prompt + completion together and learn what follows the prompt's own tokens.
 
     The prompt's ids are taken as `generate` makes them (add_special_tokens=True: BOS where the tokenizer adds
@@ -155,7 +174,9 @@ def tokenize_examples(prompts: list[str], completions: list[str], tokenizer: Pre
     puts '▁' in front of text that starts a string ('▁SE LECT' where the joint text gives 'SELECT').
     """
     prompt_batch = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    joint_batch = tokenizer([prompt + completion for prompt, completion in zip(prompts, completions)], add_special_tokens=True)["input_ids"]
+    joint_batch = tokenizer(
+        [prompt + completion for prompt, completion in zip(prompts, completions)], add_special_tokens=True
+    )["input_ids"]
     examples = []
     for prompt, completion, prompt_ids, joint_ids in zip(prompts, completions, prompt_batch, joint_batch):
         if joint_ids[: len(prompt_ids)] == prompt_ids:
@@ -164,7 +185,10 @@ def tokenize_examples(prompts: list[str], completions: list[str], tokenizer: Pre
             context, response = _split_merged_boundary(prompt, completion, prompt_ids, joint_ids, tokenizer)
         response = response + [tokenizer.eos_token_id]  # always a label, also when pad = EOS
         examples.append(
-            {"input_ids": (context + response)[:max_length], "labels": ([IGNORE_INDEX] * len(context) + response)[:max_length]}
+            {
+                "input_ids": (context + response)[:max_length],
+                "labels": ([IGNORE_INDEX] * len(context) + response)[:max_length],
+            }
         )
     return examples
 
@@ -186,17 +210,24 @@ def _split_merged_boundary(
     if getattr(tokenizer, "is_fast", False):  # offsets need a fast tokenizer
         offsets = tokenizer(prompt + completion, add_special_tokens=True, return_offsets_mapping=True)["offset_mapping"]
         boundary = len(prompt)
-        after = next((index for index, (start, end) in enumerate(offsets) if start >= boundary and end > start), len(offsets))
+        after = next(
+            (index for index, (start, end) in enumerate(offsets) if start >= boundary and end > start), len(offsets)
+        )
         gap_end = offsets[after][0] - boundary if after < len(offsets) else len(completion)
         gap_ids = tokenizer(completion[:gap_end], add_special_tokens=False)["input_ids"] if gap_end > 0 else []
         response = gap_ids + joint_ids[after:]
         if tokenizer.decode(prompt_ids + response) == tokenizer.decode(joint_ids):
             return prompt_ids, response
-    shared = next((index for index, (a, b) in enumerate(zip(prompt_ids, joint_ids)) if a != b), min(len(prompt_ids), len(joint_ids)))
+    shared = next(
+        (index for index, (a, b) in enumerate(zip(prompt_ids, joint_ids)) if a != b),
+        min(len(prompt_ids), len(joint_ids)),
+    )
     return joint_ids[:shared], joint_ids[shared:]
 
 
-def build_dataset(section: DataSection, tokenizer: PreTrainedTokenizerBase, *, seed: int = DEFAULT_SEED) -> TrainingData:
+def build_dataset(
+    section: DataSection, tokenizer: PreTrainedTokenizerBase, *, seed: int = DEFAULT_SEED
+) -> TrainingData:
     """Rows -> tokenized training (and evaluation) examples. `seed` (train.seed) picks the eval_fraction hold-out."""
     rows = rename_columns(read_rows(section.path, split=section.split, max_rows=section.max_rows), section.columns)
     rows = valid_rows(rows, section.path, section.invalid_rows)
@@ -218,21 +249,34 @@ def hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], 
     are often sorted (by source, length or date), so their tail is no fair sample of the rest."""
     held_out = max(1, int(len(rows) * fraction))
     if held_out >= len(rows):
-        raise QloraError(f"data.eval_fraction: holding out {held_out} of {len(rows)} rows leaves none to train on; lower it or set data.eval_path")
+        raise QloraError(
+            f"data.eval_fraction: holding out {held_out} of {len(rows)} rows leaves none to train on; lower it or set data.eval_path"
+        )
     chosen = set(random.Random(seed).sample(range(len(rows)), held_out))
-    return [row for index, row in enumerate(rows) if index not in chosen], [row for index, row in enumerate(rows) if index in chosen]
+    return [row for index, row in enumerate(rows) if index not in chosen], [
+        row for index, row in enumerate(rows) if index in chosen
+    ]
 
 
-def _tokenize_rows(rows: list[dict], section: DataSection, tokenizer: PreTrainedTokenizerBase, what: str) -> tuple[Dataset, int]:
+def _tokenize_rows(
+    rows: list[dict], section: DataSection, tokenizer: PreTrainedTokenizerBase, what: str
+) -> tuple[Dataset, int]:
     columns = {field: [str(row.get(field) or "") for row in rows] for field in ("instruction", "input", "output")}
 
     def tokenize_batch(batch: dict) -> dict:
         rendered = [
-            render_example({"instruction": instruction, "input": context, "output": output}, section.template, section.task)
+            render_example(
+                {"instruction": instruction, "input": context, "output": output}, section.template, section.task
+            )
             for instruction, context, output in zip(batch["instruction"], batch["input"], batch["output"])
         ]
-        examples = tokenize_examples([r["prompt"] for r in rendered], [r["completion"] for r in rendered], tokenizer, section.max_length)
-        return {"input_ids": [example["input_ids"] for example in examples], "labels": [example["labels"] for example in examples]}
+        examples = tokenize_examples(
+            [r["prompt"] for r in rendered], [r["completion"] for r in rendered], tokenizer, section.max_length
+        )
+        return {
+            "input_ids": [example["input_ids"] for example in examples],
+            "labels": [example["labels"] for example in examples],
+        }
 
     workers = min(os.cpu_count() or 1, 8) if len(rows) >= 20_000 else None
     dataset = Dataset.from_dict(columns).map(
@@ -247,8 +291,12 @@ def _tokenize_rows(rows: list[dict], section: DataSection, tokenizer: PreTrained
                 f"data.max_length: {where} have their whole response beyond {section.max_length} tokens; "
                 "raise data.max_length or set data.truncated: drop"
             )
-        log.warning("data.max_length: dropping %s whose whole response lies beyond %d tokens", where, section.max_length)
+        log.warning(
+            "data.max_length: dropping %s whose whole response lies beyond %d tokens", where, section.max_length
+        )
         dataset = dataset.select([index for index, kept in enumerate(keep) if kept])
         if len(dataset) == 0:
-            raise QloraError(f"data.max_length: no {what} example keeps any response token at {section.max_length} tokens")
+            raise QloraError(
+                f"data.max_length: no {what} example keeps any response token at {section.max_length} tokens"
+            )
     return dataset, cut_off

@@ -21,7 +21,11 @@ class Check:
 
 def python_check() -> Check:
     version = platform.python_version()
-    return Check("python", sys.version_info >= (3, 10), version if sys.version_info >= (3, 10) else f"{version}: install Python 3.10 or newer")
+    return Check(
+        "python",
+        sys.version_info >= (3, 10),
+        version if sys.version_info >= (3, 10) else f"{version}: install Python 3.10 or newer",
+    )
 
 
 def torch_checks() -> list[Check]:
@@ -32,14 +36,20 @@ def torch_checks() -> list[Check]:
     build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
     checks = [Check("torch", True, f"{torch.__version__} ({build})")]
     if not torch.cuda.is_available():
-        hint = "this torch has no CUDA: bash scripts/setup.sh --cuda" if not torch.version.cuda else "no GPU visible: check nvidia-smi and CUDA_VISIBLE_DEVICES"
+        hint = (
+            "this torch has no CUDA: bash scripts/setup.sh --cuda"
+            if not torch.version.cuda
+            else "no GPU visible: check nvidia-smi and CUDA_VISIBLE_DEVICES"
+        )
         checks.append(Check("gpu", None, f"none; {hint}. CPU runs only the tiny recipes"))
         return checks
     for index in range(torch.cuda.device_count()):
         properties = torch.cuda.get_device_properties(index)
         checks.append(Check(f"gpu {index}", True, f"{properties.name}, {properties.total_memory / 2**30:.1f} GiB"))
     bf16 = torch.cuda.is_bf16_supported()
-    checks.append(Check("bf16", bf16 or None, "supported" if bf16 else "not supported: set model.compute_dtype: float16"))
+    checks.append(
+        Check("bf16", bf16 or None, "supported" if bf16 else "not supported: set model.compute_dtype: float16")
+    )
     return checks
 
 
@@ -50,7 +60,11 @@ def bitsandbytes_check() -> Check:
         import torch
         from bitsandbytes.functional import dequantize_4bit, quantize_4bit
     except Exception as error:  # a broken CUDA setup surfaces as any of several import errors
-        return Check("bitsandbytes", False, f"does not load ({type(error).__name__}: {error}); reinstall: pip install -U bitsandbytes")
+        return Check(
+            "bitsandbytes",
+            False,
+            f"does not load ({type(error).__name__}: {error}); reinstall: pip install -U bitsandbytes",
+        )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         weights = torch.randn(64, 64, device=device, dtype=torch.bfloat16)
@@ -58,7 +72,9 @@ def bitsandbytes_check() -> Check:
         error = (dequantize_4bit(packed, state) - weights).abs().mean().item()
     except Exception as failure:
         return Check("bitsandbytes", False, f"{bitsandbytes.__version__} cannot run NF4 on {device}: {failure}")
-    return Check("bitsandbytes", error < 0.2, f"{bitsandbytes.__version__}, NF4 round trip on {device} (mean error {error:.3f})")
+    return Check(
+        "bitsandbytes", error < 0.2, f"{bitsandbytes.__version__}, NF4 round trip on {device} (mean error {error:.3f})"
+    )
 
 
 def disk_check(recipe: Recipe) -> Check:
@@ -71,7 +87,12 @@ def disk_check(recipe: Recipe) -> Check:
     cache.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(cache).free
     ok = free > needed * 1.2 or is_local(recipe.model.id)
-    return Check("disk", ok, f"{free / 1e9:.0f} GB free in {cache}, {recipe.model.id} needs ~{needed / 1e9:.1f} GB" + ("" if ok else ": free space or set HF_HOME"))
+    return Check(
+        "disk",
+        ok,
+        f"{free / 1e9:.0f} GB free in {cache}, {recipe.model.id} needs ~{needed / 1e9:.1f} GB"
+        + ("" if ok else ": free space or set HF_HOME"),
+    )
 
 
 def hub_check() -> Check:
@@ -80,7 +101,9 @@ def hub_check() -> Check:
     import urllib.request
 
     try:
-        urllib.request.urlopen(urllib.request.Request("https://huggingface.co/api/models?limit=1", method="HEAD"), timeout=5)
+        urllib.request.urlopen(
+            urllib.request.Request("https://huggingface.co/api/models?limit=1", method="HEAD"), timeout=5
+        )
     except Exception as error:
         return Check("hub", None, f"unreachable ({type(error).__name__}); use local folders or a cached model")
     token = "token set" if os.environ.get("HF_TOKEN") else "no HF_TOKEN: gated models (Llama, Mistral) need one"

@@ -35,10 +35,15 @@ def response_loss(session: Session, rows: list[dict], adapter: str, batch_size: 
         labels = torch.tensor([e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in chunk])
         attention = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in chunk])
         with torch.inference_mode(), session.using(adapter):
-            logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits.float()
+            logits = model(
+                input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)
+            ).logits.float()
         shifted = labels[:, 1:].to(logits.device)
         losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            shifted.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
         )
         total += losses.item()
         count += int((shifted != IGNORE_INDEX).sum())
@@ -88,17 +93,34 @@ def _typed(value):
 
 
 def run(
-    session: Session, data_path: str, adapters: list[str], *, sql: bool = False, max_rows: int | None = None, out: Path | None = None
+    session: Session,
+    data_path: str,
+    adapters: list[str],
+    *,
+    sql: bool = False,
+    max_rows: int | None = None,
+    out: Path | None = None,
 ) -> list[dict]:
     rows = read_rows(data_path, split="test", max_rows=max_rows)
     check_rows(rows, data_path)
     results = []
     for adapter in adapters:
         loss = response_loss(session, rows, adapter)
-        accuracy, answers = exact_match(session, rows, adapter, Sampling(max_new_tokens=_answer_budget(session, rows, adapter)))
-        result = {"adapter": adapter, "examples": len(rows), "loss": round(loss, 4), "perplexity": round(math.exp(loss), 3), "exact_match": round(accuracy, 4)}
+        accuracy, answers = exact_match(
+            session, rows, adapter, Sampling(max_new_tokens=_answer_budget(session, rows, adapter))
+        )
+        result = {
+            "adapter": adapter,
+            "examples": len(rows),
+            "loss": round(loss, 4),
+            "perplexity": round(math.exp(loss), 3),
+            "exact_match": round(accuracy, 4),
+        }
         if sql:
-            matches = [sql_execution_match(row.get("input") or "", row["output"], answer, row["instruction"]) for row, answer in zip(rows, answers)]
+            matches = [
+                sql_execution_match(row.get("input") or "", row["output"], answer, row["instruction"])
+                for row, answer in zip(rows, answers)
+            ]
             result["execution_match"] = round(sum(matches) / len(rows), 4)
         results.append(result)
     if out is not None:

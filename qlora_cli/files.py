@@ -7,8 +7,8 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from qlora_cli.errors import QloraError
 
@@ -21,7 +21,11 @@ MARKER = "qlora.json"
 
 def refuse_dangerous_output(path: Path, what: str) -> None:
     resolved = path.expanduser().resolve()
-    for forbidden, label in ((Path("/"), "the filesystem root"), (Path.home().resolve(), "your home directory"), (Path.cwd(), "the current directory")):
+    for forbidden, label in (
+        (Path("/"), "the filesystem root"),
+        (Path.home().resolve(), "your home directory"),
+        (Path.cwd(), "the current directory"),
+    ):
         if resolved == forbidden:
             raise QloraError(f"{what}: refusing to write into {label} ({resolved}); name a new folder")
 
@@ -34,7 +38,9 @@ def check_new_output(path: Path, what: str, *, force: bool) -> None:
     if not force:
         raise QloraError(f"{what}: {path} already exists; pass --force to replace it")
     if not (path / MARKER).is_file():
-        raise QloraError(f"{what}: {path} exists and was not written by qlora (no {MARKER}); not replacing it, even with --force")
+        raise QloraError(
+            f"{what}: {path} exists and was not written by qlora (no {MARKER}); not replacing it, even with --force"
+        )
 
 
 def process_is_running(pid: int) -> bool:
@@ -61,7 +67,9 @@ def remove_stale_staging(dest: Path) -> list[Path]:
             continue
         size = sum(f.stat().st_size for f in leftover.rglob("*") if f.is_file())
         shutil.rmtree(leftover, ignore_errors=True)
-        log.warning("removed %s (%.1f MiB), left by process %s that no longer runs", leftover, size / 2**20, match.group(2))
+        log.warning(
+            "removed %s (%.1f MiB), left by process %s that no longer runs", leftover, size / 2**20, match.group(2)
+        )
         removed.append(leftover)
     return removed
 

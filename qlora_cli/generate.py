@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import yaml
@@ -40,7 +40,12 @@ class Sampling:
     def generate_kwargs(self) -> dict:
         if self.temperature <= 0:
             return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
+        return {
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_new_tokens": self.max_new_tokens,
+        }
 
 
 @dataclass
@@ -84,7 +89,10 @@ class Session:
         template = self.templates.get(adapter) or next(iter(self.templates.values()), "alpaca")
         task = self.tasks.get(adapter) or next(iter(self.tasks.values()), "forward")
         if task == "reverse" and "output" not in row:
-            row = {"instruction": "", "output": row["instruction"]}  # generate: the text given is the response to reverse
+            row = {
+                "instruction": "",
+                "output": row["instruction"],
+            }  # generate: the text given is the response to reverse
         return render_example({"output": "", **row}, template, task)
 
     def prompt(self, row: dict, adapter: str) -> str:
@@ -117,7 +125,9 @@ class Session:
     def _generate(self, prompts: list[str], adapter: str, sampling: Sampling, streamer=None) -> list[str]:
         set_seed(sampling.seed)
         self.tokenizer.padding_side = "left"  # generation continues from the right edge
-        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True).to(self.model.device)
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True).to(
+            self.model.device
+        )
         kwargs = dict(
             **batch,
             **sampling.generate_kwargs(),
@@ -214,12 +224,22 @@ def _base_section(base: str | None, found: dict[str, Path], metadata: dict[str, 
     elif base:
         section_data = {"id": base}
     else:
-        raise QloraError("name at least one adapter (--adapter NAME), or the base model with --base MODEL and --adapter none")
-    section_data["id"] = str(Path(section_data["id"]).resolve()) if Path(section_data["id"]).exists() else section_data["id"]
+        raise QloraError(
+            "name at least one adapter (--adapter NAME), or the base model with --base MODEL and --adapter none"
+        )
+    section_data["id"] = (
+        str(Path(section_data["id"]).resolve()) if Path(section_data["id"]).exists() else section_data["id"]
+    )
     return ModelSection.model_validate(section_data)
 
 
-def add_mix(model: PeftModel, mix: dict[str, float], templates: dict[str, str], name: str = MIX, tasks: dict[str, str] | None = None) -> None:
+def add_mix(
+    model: PeftModel,
+    mix: dict[str, float],
+    templates: dict[str, str],
+    name: str = MIX,
+    tasks: dict[str, str] | None = None,
+) -> None:
     unknown = [name for name in mix if name not in templates]
     if unknown:
         raise QloraError(f"--mix names {unknown}, which are not loaded adapters")
@@ -231,7 +251,9 @@ def add_mix(model: PeftModel, mix: dict[str, float], templates: dict[str, str], 
         tasks[name] = tasks.get(next(iter(mix)), "forward")
 
 
-def exact_match(session: Session, rows: list[dict], adapter: str, sampling: Sampling = Sampling()) -> tuple[float, list[str]]:
+def exact_match(
+    session: Session, rows: list[dict], adapter: str, sampling: Sampling = Sampling()
+) -> tuple[float, list[str]]:
     answers = session.ask(rows, adapter, sampling)
     hits = sum(answer == session.example(row, adapter)["completion"].strip() for answer, row in zip(answers, rows))
     return hits / len(rows), answers
@@ -246,6 +268,6 @@ def read_prompts(path: Path) -> list[dict]:
         if isinstance(row, str):
             row = {"instruction": row}
         if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
-            raise QloraError(f"{path}: line {number}: expected {{\"instruction\": ..., \"input\": ...}}")
+            raise QloraError(f'{path}: line {number}: expected {{"instruction": ..., "input": ...}}')
         rows.append(row)
     return rows

@@ -48,7 +48,9 @@ def check_target_modules(model: torch.nn.Module, section: LoraSection) -> None:
         log.warning("lora.target_modules: %s match no layer and are ignored", ", ".join(unmatched))
 
 
-def attach_lora(model: PreTrainedModel, section: LoraSection, *, gradient_checkpointing: bool, sharded: bool | None = None) -> PeftModel:
+def attach_lora(
+    model: PreTrainedModel, section: LoraSection, *, gradient_checkpointing: bool, sharded: bool | None = None
+) -> PeftModel:
     """`sharded` (default: read from the launcher's environment) means FSDP or DeepSpeed ZeRO-3 will
     shard the model: every parameter then keeps the one dtype the 4-bit weights are stored in."""
     sharded = sharded_launch() if sharded is None else sharded
@@ -78,11 +80,17 @@ def attach_lora(model: PreTrainedModel, section: LoraSection, *, gradient_checkp
         for param in peft_model.parameters():
             if param.requires_grad:
                 param.data = param.data.to(storage)
-    adapted = sum(1 for _, module in peft_model.named_modules() if hasattr(module, "lora_A") and "default" in module.lora_A)
+    adapted = sum(
+        1 for _, module in peft_model.named_modules() if hasattr(module, "lora_A") and "default" in module.lora_A
+    )
     trainable, total = peft_model.get_nb_trainable_parameters()
     log.info(
         "LoRA r=%d on %d modules: trainable %s of %s parameters (%.2f%%)",
-        section.r, adapted, human_count(trainable), human_count(total), 100 * trainable / total,
+        section.r,
+        adapted,
+        human_count(trainable),
+        human_count(total),
+        100 * trainable / total,
     )
     return peft_model
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -49,9 +49,21 @@ Source = Literal["nf4", "original"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 INDEX = "model.safetensors.index.json"
 SAFETENSORS_DTYPES = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16, "I32": torch.int32,
-    "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F32": torch.float32, "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 SAFETENSORS_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 PEFT_PREFIX = "base_model.model."  # peft's PeftModelForCausalLM wraps the transformers model twice
@@ -130,7 +142,9 @@ def run(
     check_base_fingerprint(metadata, base_record, allow_base_mismatch=allow_base_mismatch)
     base_config = json.loads((model_dir / "config.json").read_text())
     if base_config.get("quantization_config"):
-        raise QloraError(f"base {section.id} is stored already quantized; merging needs its 16-bit weights (a non-quantized checkpoint)")
+        raise QloraError(
+            f"base {section.id} is stored already quantized; merging needs its 16-bit weights (a non-quantized checkpoint)"
+        )
 
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     check_supported(adapter_config, adapter_dir.name)
@@ -142,21 +156,33 @@ def run(
     compute_dtype = DTYPES[section.compute_dtype]
     log.info(
         "merging %d LoRA updates of %s into %s (%s weights, %d shards) as %s",
-        len(updates), adapter_dir.name, section.id, source, len(shards), dtype_name(out_dtype),
+        len(updates),
+        adapter_dir.name,
+        section.id,
+        source,
+        len(shards),
+        dtype_name(out_dtype),
     )
 
     with atomic_directory(out, force=force) as staging:
         sizes = {}
         for number, shard in enumerate(shards, start=1):
             sizes[shard] = merge_shard(
-                model_dir / shard, staging / shard, adapter_weights, updates, nf4_specs,
-                compute_dtype=compute_dtype, out_dtype=out_dtype,
+                model_dir / shard,
+                staging / shard,
+                adapter_weights,
+                updates,
+                nf4_specs,
+                compute_dtype=compute_dtype,
+                out_dtype=out_dtype,
             )
             log.info("shard %d/%d %s written (%.1f MiB)", number, len(shards), shard, sizes[shard] / 2**20)
         del adapter_weights
         write_model_files(model_dir, adapter_dir, staging, section, base_config, out_dtype, sizes)
         if verify:
-            check = verify_merge(staging, adapter_dir, model_dir, section, source, out_dtype, metadata, tolerance, verify_memory)
+            check = verify_merge(
+                staging, adapter_dir, model_dir, section, source, out_dtype, metadata, tolerance, verify_memory
+            )
         else:
             check = {"verified": False, "unverified_reason": "skipped (--no-verify)"}
         adapters.write_metadata(
@@ -189,12 +215,16 @@ def run(
 def base_section(adapter_dir: Path, base: str | None) -> ModelSection:
     """The adapter's model section (from its recipe.yaml), with `base` overriding the id."""
     recipe_path = adapter_dir / "recipe.yaml"
-    section_data = dict((yaml.safe_load(recipe_path.read_text()) or {}).get("model") or {}) if recipe_path.is_file() else {}
+    section_data = (
+        dict((yaml.safe_load(recipe_path.read_text()) or {}).get("model") or {}) if recipe_path.is_file() else {}
+    )
     if not section_data:
         section_data = {"id": json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]}
     if base:
         section_data["id"] = base
-    section_data["id"] = str(Path(section_data["id"]).resolve()) if Path(section_data["id"]).exists() else section_data["id"]
+    section_data["id"] = (
+        str(Path(section_data["id"]).resolve()) if Path(section_data["id"]).exists() else section_data["id"]
+    )
     return ModelSection.model_validate(section_data)
 
 
@@ -235,10 +265,14 @@ def check_supported(adapter_config: dict, name: str) -> None:
     if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
         problems.append(f"init_lora_weights: {init} (it rewrote the base weights during training)")
     if problems:
-        raise QloraError(f"adapter {name!r} cannot be merged shard by shard: {'; '.join(problems)}; use it unmerged with qlora generate")
+        raise QloraError(
+            f"adapter {name!r} cannot be merged shard by shard: {'; '.join(problems)}; use it unmerged with qlora generate"
+        )
 
 
-def plan_lora_updates(adapter_weights: dict[str, torch.Tensor], adapter_config: dict, base_keys: set[str], name: str) -> dict[str, LoraUpdate]:
+def plan_lora_updates(
+    adapter_weights: dict[str, torch.Tensor], adapter_config: dict, base_keys: set[str], name: str
+) -> dict[str, LoraUpdate]:
     """Map each LoRA pair of the adapter to the base weight it updates, with its scaling.
 
     `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` updates `model.layers.0.self_attn.q_proj.weight`.
@@ -253,7 +287,9 @@ def plan_lora_updates(adapter_weights: dict[str, torch.Tensor], adapter_config: 
         module, dot, kind = key.removeprefix(PEFT_PREFIX).rpartition(".lora_A.")
         if not dot:
             if ".lora_B." not in key:
-                raise QloraError(f"adapter {name!r}: tensor {key} is not a LoRA factor (lora_A/lora_B); only LoRA updates can be merged")
+                raise QloraError(
+                    f"adapter {name!r}: tensor {key} is not a LoRA factor (lora_A/lora_B); only LoRA updates can be merged"
+                )
             continue
         if kind != "weight":
             raise QloraError(f"adapter {name!r}: unexpected LoRA tensor {key}")
@@ -262,13 +298,19 @@ def plan_lora_updates(adapter_weights: dict[str, torch.Tensor], adapter_config: 
             raise QloraError(f"adapter {name!r}: {key} has no matching {b_key}; the adapter file is incomplete")
         target = f"{module}.weight"
         if target not in base_keys:
-            raise QloraError(f"adapter {name!r}: {key} updates {target}, which the base does not have; is this the right base model?")
+            raise QloraError(
+                f"adapter {name!r}: {key} updates {target}, which the base does not have; is this the right base model?"
+            )
         r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), adapter_config["r"])
         alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), adapter_config["lora_alpha"])
-        updates[target] = LoraUpdate(key, b_key, alpha / math.sqrt(r) if adapter_config.get("use_rslora") else alpha / r)
+        updates[target] = LoraUpdate(
+            key, b_key, alpha / math.sqrt(r) if adapter_config.get("use_rslora") else alpha / r
+        )
     pairs_b = sum(".lora_B." in key for key in adapter_weights)
     if pairs_b != len(updates):
-        raise QloraError(f"adapter {name!r}: {pairs_b} lora_B tensors but {len(updates)} lora_A; the adapter file is incomplete")
+        raise QloraError(
+            f"adapter {name!r}: {pairs_b} lora_B tensors but {len(updates)} lora_A; the adapter file is incomplete"
+        )
     return updates
 
 
@@ -286,7 +328,9 @@ def nf4_weight_specs(model_dir: Path, section: ModelSection, base_keys: set[str]
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=section.trust_remote_code)
     with torch.device("meta"):
         empty = AutoModelForCausalLM.from_config(config, trust_remote_code=section.trust_remote_code)
-    skipped = HfQuantizer.get_modules_to_not_convert(empty, quantization.llm_int8_skip_modules, empty._keep_in_fp32_modules)
+    skipped = HfQuantizer.get_modules_to_not_convert(
+        empty, quantization.llm_int8_skip_modules, empty._keep_in_fp32_modules
+    )
     empty = replace_with_bnb_linear(empty, modules_to_not_convert=skipped, quantization_config=quantization)
     specs = {
         f"{name}.weight": Nf4Spec(module.weight.quant_type, module.weight.blocksize, module.weight.compress_statistics)
@@ -306,7 +350,9 @@ def shard_files(model_dir: Path) -> list[str]:
     """The base's safetensors files in index order (one file when the base is not sharded)."""
     files = [path.name for path in weight_files(model_dir)]
     if not (model_dir / INDEX).is_file() and len(files) != 1:
-        raise QloraError(f"base {model_dir}: {len(files)} safetensors files but no {INDEX} saying how they fit together")
+        raise QloraError(
+            f"base {model_dir}: {len(files)} safetensors files but no {INDEX} saying how they fit together"
+        )
     return files
 
 
@@ -374,8 +420,16 @@ def merge_shard(
     for key in names:
         entry = header[key]
         floating = SAFETENSORS_DTYPES[entry["dtype"]].is_floating_point
-        size = math.prod(entry["shape"]) * out_dtype.itemsize if floating else entry["data_offsets"][1] - entry["data_offsets"][0]
-        entries[key] = {"dtype": out_code if floating else entry["dtype"], "shape": entry["shape"], "data_offsets": [offset, offset + size]}
+        size = (
+            math.prod(entry["shape"]) * out_dtype.itemsize
+            if floating
+            else entry["data_offsets"][1] - entry["data_offsets"][0]
+        )
+        entries[key] = {
+            "dtype": out_code if floating else entry["dtype"],
+            "shape": entry["shape"],
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     encoded = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data to 8 bytes, padding the header with spaces
@@ -386,7 +440,11 @@ def merge_shard(
             update = updates.get(key)
             lora = (adapter_weights[update.a_key], adapter_weights[update.b_key], update.scaling) if update else None
             tensor = merged_weight(
-                read_tensor(reader, header[key], data_start), lora=lora, nf4=nf4_specs.get(key), compute_dtype=compute_dtype, out_dtype=out_dtype
+                read_tensor(reader, header[key], data_start),
+                lora=lora,
+                nf4=nf4_specs.get(key),
+                compute_dtype=compute_dtype,
+                out_dtype=out_dtype,
             )
             begin, end = entries[key]["data_offsets"]
             data = tensor.reshape(-1).view(torch.uint8)
@@ -409,7 +467,13 @@ def read_tensor(handle, entry: dict, data_start: int) -> torch.Tensor:
 
 
 def write_model_files(
-    model_dir: Path, adapter_dir: Path, staging: Path, section: ModelSection, base_config: dict, out_dtype: torch.dtype, sizes: dict[str, int]
+    model_dir: Path,
+    adapter_dir: Path,
+    staging: Path,
+    section: ModelSection,
+    base_config: dict,
+    out_dtype: torch.dtype,
+    sizes: dict[str, int],
 ) -> None:
     """Everything beside the weights that a plain `from_pretrained` needs: config, index, tokenizer."""
     from transformers import AutoTokenizer
@@ -447,7 +511,9 @@ def verify_merge(
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=section.trust_remote_code)
     prompts = verification_inputs(tokenizer, metadata.get("template", "alpaca"))
-    device = check_device(section.model_copy(update={"device": "auto"}))  # merging needs no GPU, whatever training ran on
+    device = check_device(
+        section.model_copy(update={"device": "auto"})
+    )  # merging needs no GPU, whatever training ran on
     # The reference is exactly what `qlora generate` runs: the 4-bit base (or the 16-bit one) plus the adapter.
     reference_section = section if source == "nf4" else section.model_copy(update={"load_in_4bit": False})
     try:
@@ -458,9 +524,15 @@ def verify_merge(
         release_memory()
         with tempfile.TemporaryDirectory(prefix=".verify-offload-", dir=merged_dir) as offload:
             merged = AutoModelForCausalLM.from_pretrained(
-                merged_dir, dtype=out_dtype, device_map="auto", max_memory=memory or free_memory(device), offload_folder=offload
+                merged_dir,
+                dtype=out_dtype,
+                device_map="auto",
+                max_memory=memory or free_memory(device),
+                offload_folder=offload,
             )
-            placed = sorted({str(where) for where in (getattr(merged, "hf_device_map", None) or {"": device.type}).values()})
+            placed = sorted(
+                {str(where) for where in (getattr(merged, "hf_device_map", None) or {"": device.type}).values()}
+            )
             log.info("verifying the merged model on %s", ", ".join(placed))
             actual = model_logits(merged, prompts)
             del merged
@@ -477,7 +549,10 @@ def verify_merge(
     allowed = DEFAULT_TOLERANCE[coarsest] if tolerance is None else tolerance
     log.info(
         "verification: largest logit difference %.4g (%.3g%% of the largest logit %.4g), allowed %.3g%%",
-        max_diff, 100 * relative, scale, 100 * allowed,
+        max_diff,
+        100 * relative,
+        scale,
+        100 * allowed,
     )
     if not relative <= allowed:
         raise QloraError(
@@ -485,7 +560,12 @@ def verify_merge(
             f"({100 * relative:.3g}% of the largest logit, allowed {100 * allowed:.3g}%); nothing was written. "
             "Check the base model and the adapter, or merge with a wider --dtype"
         )
-    return {"verified": True, "max_logit_diff": float(f"{max_diff:.4g}"), "relative_logit_diff": float(f"{relative:.4g}"), "tolerance": allowed}
+    return {
+        "verified": True,
+        "max_logit_diff": float(f"{max_diff:.4g}"),
+        "relative_logit_diff": float(f"{relative:.4g}"),
+        "tolerance": allowed,
+    }
 
 
 def release_memory() -> None:
@@ -533,7 +613,10 @@ def use_exact_4bit_matmul(model: torch.nn.Module) -> None:
 def verification_inputs(tokenizer, template: str) -> list[torch.Tensor]:
     """Prompts in the adapter's template, plus one row of token ids spread over the whole vocabulary
     so that embedding rows the prompts never touch are checked too."""
-    rows = [tokenizer(render_prompt(instruction, "", template), return_tensors="pt")["input_ids"] for instruction in VERIFY_INSTRUCTIONS]
+    rows = [
+        tokenizer(render_prompt(instruction, "", template), return_tensors="pt")["input_ids"]
+        for instruction in VERIFY_INSTRUCTIONS
+    ]
     spread = torch.linspace(0, len(tokenizer) - 1, steps=min(64, len(tokenizer))).long()
     return [*rows, spread.unsqueeze(0)]
 

@@ -9,7 +9,13 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from qlora_cli.errors import QloraError
 from qlora_cli.recipe import ModelSection, is_local
@@ -58,14 +64,22 @@ def resolve_model_dir(section: ModelSection, *, weights: bool = True) -> Path:
         try:
             # The token comes from HF_TOKEN or `hf auth login`, never from the recipe.
             patterns = HUB_PATTERNS if weights else [p for p in HUB_PATTERNS if p != "*.safetensors"]
-            folder = Path(snapshot_download(section.id, revision=section.revision, allow_patterns=patterns, ignore_patterns=HUB_IGNORED))
+            folder = Path(
+                snapshot_download(
+                    section.id, revision=section.revision, allow_patterns=patterns, ignore_patterns=HUB_IGNORED
+                )
+            )
         except Exception as error:  # network, auth and missing-repo errors all surface here
-            raise QloraError(f"model.id: cannot fetch {section.id!r} from the hub: {type(error).__name__}: {error}") from None
+            raise QloraError(
+                f"model.id: cannot fetch {section.id!r} from the hub: {type(error).__name__}: {error}"
+            ) from None
     if not (folder / "config.json").is_file():
         raise QloraError(f"model.id: {folder} has no config.json; is it a transformers model folder?")
     if weights and not weight_files(folder):
         pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
-        detail = f" (found pickle weights {', '.join(pickles)}: refused, they can run arbitrary code)" if pickles else ""
+        detail = (
+            f" (found pickle weights {', '.join(pickles)}: refused, they can run arbitrary code)" if pickles else ""
+        )
         raise QloraError(f"model.id: no .safetensors weights in {folder}{detail}")
     return folder
 
@@ -106,11 +120,16 @@ def load_tokenizer(model_dir: Path, section: ModelSection) -> PreTrainedTokenize
 
 
 def sharded_launch() -> bool:
-    return any(os.environ.get(flag, "").lower() == "true" for flag in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    return any(
+        os.environ.get(flag, "").lower() == "true" for flag in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+    )
 
 
 def zero3_launch() -> bool:
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    return (
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    )
 
 
 def attention_implementation(section: ModelSection, *, device: torch.device, packed: bool) -> str:
@@ -135,12 +154,16 @@ def attention_implementation(section: ModelSection, *, device: torch.device, pac
     return choice
 
 
-def load_model(section: ModelSection, model_dir: Path, *, device: torch.device, packed: bool = False) -> PreTrainedModel:
+def load_model(
+    section: ModelSection, model_dir: Path, *, device: torch.device, packed: bool = False
+) -> PreTrainedModel:
     """The frozen base: 4-bit through bitsandbytes, or 16-bit when load_in_4bit is false. `packed`: it will train on
     padding-free packed rows, which picks its attention kernel (see attention_implementation)."""
     attention = attention_implementation(section, device=device, packed=packed)
     quantization = bnb_config(section)
-    log.info("loading %s %s", section.id, f"in 4-bit {section.quant_type}" if quantization else f"in {section.compute_dtype}")
+    log.info(
+        "loading %s %s", section.id, f"in 4-bit {section.quant_type}" if quantization else f"in {section.compute_dtype}"
+    )
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
         quantization_config=quantization,
@@ -158,7 +181,9 @@ def load_model(section: ModelSection, model_dir: Path, *, device: torch.device, 
         if model._supports_flex_attn and not getattr(model.config, "attention_dropout", 0.0):
             model.set_attn_implementation(attention)
         else:
-            log.info("%s cannot use flex attention here; packed rows train with sdpa and a dense mask", type(model).__name__)
+            log.info(
+                "%s cannot use flex attention here; packed rows train with sdpa and a dense mask", type(model).__name__
+            )
     log.info("attention: %s", model.config._attn_implementation)
     model.config.use_cache = False
     return model

@@ -96,8 +96,13 @@ class ModelShape:
         """(in_features, out_features) of each linear layer in one decoder layer."""
         d, a, kv, f = self.hidden, self.attention_width, self.kv_width, self.intermediate
         return {
-            "q_proj": (d, a), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (a, d),
-            "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d),
+            "q_proj": (d, a),
+            "k_proj": (d, kv),
+            "v_proj": (d, kv),
+            "o_proj": (a, d),
+            "gate_proj": (d, f),
+            "up_proj": (d, f),
+            "down_proj": (f, d),
         }
 
 
@@ -107,7 +112,9 @@ def model_shape(config: dict) -> ModelShape:
         config = config["text_config"]  # multimodal wrappers (Gemma 3): the language model is what trains
     moe = [key for key in MOE_KEYS if config.get(key)]
     if moe:
-        raise QloraError(f"model config has {', '.join(moe)}: Mixture-of-Experts models are not covered by qlora plan yet")
+        raise QloraError(
+            f"model config has {', '.join(moe)}: Mixture-of-Experts models are not covered by qlora plan yet"
+        )
     required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     missing = [key for key in required if not config.get(key)]
     if missing:
@@ -164,7 +171,9 @@ def targeted_linears(target_modules: list[str] | str) -> list[str]:
     peft matches a listed name against the end of each module's dotted name, so 'self_attn.q_proj' counts too."""
     if target_modules == "all-linear":
         return list(LINEAR_NAMES)
-    return [name for name in LINEAR_NAMES if any(target == name or target.endswith("." + name) for target in target_modules)]
+    return [
+        name for name in LINEAR_NAMES if any(target == name or target.endswith("." + name) for target in target_modules)
+    ]
 
 
 def lora_parameters(config: dict, r: int, target_modules: list[str] | str) -> int:
@@ -199,10 +208,18 @@ class Estimate:
     @property
     def total(self) -> int:
         return (
-            self.quantized_weights + self.quantization_constants + self.unquantized_weights
-            + self.lora_weights + self.lora_gradients + self.optimizer_states
-            + self.activation_checkpoints + self.layer_activations + self.dequantized_weight_buffer + self.lm_head_loss
-            + self.cuda_context + self.allocator_slack
+            self.quantized_weights
+            + self.quantization_constants
+            + self.unquantized_weights
+            + self.lora_weights
+            + self.lora_gradients
+            + self.optimizer_states
+            + self.activation_checkpoints
+            + self.layer_activations
+            + self.dequantized_weight_buffer
+            + self.lm_head_loss
+            + self.cuda_context
+            + self.allocator_slack
         )
 
     def rows(self) -> list[tuple[str, int, str]]:
@@ -215,15 +232,30 @@ class Estimate:
         tokens = f"{self.tokens_per_micro_batch:,} tokens"
         residual = "fp32" if residual_bytes(recipe) == 4 else model.compute_dtype
         if model.load_in_4bit:
-            constants = "8-bit absmax + fp32 per 256 (double quant)" if model.double_quant else "fp32 absmax per 64 weights"
+            constants = (
+                "8-bit absmax + fp32 per 256 (double quant)" if model.double_quant else "fp32 absmax per 64 weights"
+            )
             weights = [
-                ("4-bit base weights", self.quantized_weights, f"{quantized / 1e9:.2f} B params x 4 bit ({model.quant_type})"),
+                (
+                    "4-bit base weights",
+                    self.quantized_weights,
+                    f"{quantized / 1e9:.2f} B params x 4 bit ({model.quant_type})",
+                ),
                 ("quantization constants", self.quantization_constants, constants),
-                ("embeddings, LM head, norms", self.unquantized_weights,
-                 f"{(counts['total'] - quantized) / 1e9:.2f} B params in fp32 (peft upcasts them for training)"),
+                (
+                    "embeddings, LM head, norms",
+                    self.unquantized_weights,
+                    f"{(counts['total'] - quantized) / 1e9:.2f} B params in fp32 (peft upcasts them for training)",
+                ),
             ]
         else:
-            weights = [("base weights", self.unquantized_weights, f"{counts['total'] / 1e9:.2f} B params in {model.compute_dtype}")]
+            weights = [
+                (
+                    "base weights",
+                    self.unquantized_weights,
+                    f"{counts['total'] / 1e9:.2f} B params in {model.compute_dtype}",
+                )
+            ]
         offloading = recipe.train.activation_offloading
         if recipe.train.gradient_checkpointing:
             checkpoints = f"{shape.layers} layers x {shape.hidden} x {residual} x {tokens}"
@@ -243,10 +275,18 @@ class Estimate:
             ("optimizer states", self.optimizer_states, optimizer),
             ("activation checkpoints", self.activation_checkpoints, checkpoints),
             ("layer activations", self.layer_activations, layer),
-            ("dequantized weight buffer", self.dequantized_weight_buffer,
-             f"largest linear in {model.compute_dtype}" if model.load_in_4bit else "none: the base is not quantized"),
-            ("LM head and loss", self.lm_head_loss,
-             "chunked by TRL: logits never materialized" if self.fused_lm_head else f"full logits: {shape.vocab} x 10 B/token"),
+            (
+                "dequantized weight buffer",
+                self.dequantized_weight_buffer,
+                f"largest linear in {model.compute_dtype}" if model.load_in_4bit else "none: the base is not quantized",
+            ),
+            (
+                "LM head and loss",
+                self.lm_head_loss,
+                "chunked by TRL: logits never materialized"
+                if self.fused_lm_head
+                else f"full logits: {shape.vocab} x 10 B/token",
+            ),
             ("CUDA context", self.cuda_context, "not in torch.cuda.max_memory_allocated"),
             ("allocator slack", self.allocator_slack, f"{ALLOCATOR_SLACK:.0%} fragmentation of the caching allocator"),
         ]
@@ -276,7 +316,9 @@ def layer_saved_bytes_per_token(shape: ModelShape, recipe: Recipe) -> int:
     mlp = 3 * R * f
     mask = 1 if recipe.lora.dropout > 0 else 0
     linears = shape.linear_shapes()
-    lora = sum((s + mask) * linears[name][0] + s * recipe.lora.r for name in targeted_linears(recipe.lora.target_modules))
+    lora = sum(
+        (s + mask) * linears[name][0] + s * recipe.lora.r for name in targeted_linears(recipe.lora.target_modules)
+    )
     return norms + attention + mlp + lora
 
 
@@ -286,7 +328,9 @@ def backward_working_bytes_per_token(shape: ModelShape, recipe: Recipe) -> int:
     return residual_bytes(recipe) * (2 * shape.hidden + 2 * shape.intermediate)
 
 
-def estimate(config: dict, recipe: Recipe, *, tokens_per_micro_batch: int | None = None, fused_lm_head: bool = True) -> Estimate:
+def estimate(
+    config: dict, recipe: Recipe, *, tokens_per_micro_batch: int | None = None, fused_lm_head: bool = True
+) -> Estimate:
     """Predict peak training memory. Tokens per micro-batch default to batch_size x max_length: packing fills
     every row to max_length, and without packing that is the longest a batch can be.
     fused_lm_head=False models a loss over full logits (label smoothing or a custom loss in TRL)."""
@@ -341,8 +385,15 @@ def estimate(config: dict, recipe: Recipe, *, tokens_per_micro_batch: int | None
         lm_head_loss = head_inputs + 10 * shape.vocab * tokens
 
     allocated = (
-        quantized_weights + constants + unquantized + 8 * lora + OPTIMIZER_BYTES_PER_PARAM[train.optim] * lora
-        + checkpoints + layer_activations + dequantized_buffer + lm_head_loss
+        quantized_weights
+        + constants
+        + unquantized
+        + 8 * lora
+        + OPTIMIZER_BYTES_PER_PARAM[train.optim] * lora
+        + checkpoints
+        + layer_activations
+        + dequantized_buffer
+        + lm_head_loss
     )
     return Estimate(
         quantized_weights=int(quantized_weights),
@@ -379,8 +430,15 @@ def _with(recipe: Recipe, section: str, **changes) -> Recipe:
 def _re_estimate(estimate_: Estimate, recipe: Recipe) -> Estimate:
     # A stated token count scales with the batch and the row length it was stated for.
     old, new = estimate_.recipe, recipe
-    tokens = estimate_.tokens_per_micro_batch * new.train.batch_size * new.data.max_length // (old.train.batch_size * old.data.max_length)
-    return estimate(estimate_.config, recipe, tokens_per_micro_batch=max(tokens, 1), fused_lm_head=estimate_.fused_lm_head)
+    tokens = (
+        estimate_.tokens_per_micro_batch
+        * new.train.batch_size
+        * new.data.max_length
+        // (old.train.batch_size * old.data.max_length)
+    )
+    return estimate(
+        estimate_.config, recipe, tokens_per_micro_batch=max(tokens, 1), fused_lm_head=estimate_.fused_lm_head
+    )
 
 
 def _halvings(value: int, floor: int) -> list[int]:
@@ -400,18 +458,35 @@ def suggest(estimate_: Estimate, budget_bytes: float, recipe: Recipe) -> list[st
     candidates: list[tuple[str, str, str, dict]] = []
     if not train.gradient_checkpointing:
         candidates.append(
-            ("checkpointing", "train.gradient_checkpointing false -> true (~30% slower)", "train", {"gradient_checkpointing": True})
+            (
+                "checkpointing",
+                "train.gradient_checkpointing false -> true (~30% slower)",
+                "train",
+                {"gradient_checkpointing": True},
+            )
         )
     for batch in _halvings(train.batch_size, 1):
         accum = train.grad_accum * train.batch_size // batch
-        candidates.append(("batch", f"train.batch_size {train.batch_size} -> {batch}, train.grad_accum {train.grad_accum} -> {accum} "
-                           "(same effective batch)", "train", {"batch_size": batch, "grad_accum": accum}))
+        candidates.append(
+            (
+                "batch",
+                f"train.batch_size {train.batch_size} -> {batch}, train.grad_accum {train.grad_accum} -> {accum} "
+                "(same effective batch)",
+                "train",
+                {"batch_size": batch, "grad_accum": accum},
+            )
+        )
     if train.optim in ("paged_adamw_32bit", "adamw_torch"):
         eight_bit = "paged_adamw_8bit" if train.optim == "paged_adamw_32bit" else "adamw_bnb_8bit"
         candidates.append(("optimizer", f"train.optim {train.optim} -> {eight_bit}", "train", {"optim": eight_bit}))
     if not train.activation_offloading:
         candidates.append(
-            ("offloading", "train.activation_offloading false -> true (some speed)", "train", {"activation_offloading": True})
+            (
+                "offloading",
+                "train.activation_offloading false -> true (some speed)",
+                "train",
+                {"activation_offloading": True},
+            )
         )
     for length in _halvings(data.max_length, 256):
         change = f"data.max_length {data.max_length} -> {length} (longer examples are truncated)"
@@ -492,7 +567,11 @@ def load_config(recipe: Recipe) -> tuple[dict, str]:
             # Served from the local cache when it holds the file, so a config fetched once works offline.
             path = Path(hf_hub_download(model_id, "config.json", revision=recipe.model.revision))
         except Exception as error:  # offline, network, auth and missing-repo errors all surface here
-            reason = "offline mode is on (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else f"{type(error).__name__}: {error}"
+            reason = (
+                "offline mode is on (HF_HUB_OFFLINE)"
+                if constants.HF_HUB_OFFLINE
+                else f"{type(error).__name__}: {error}"
+            )
             raise QloraError(
                 f"model.id: cannot get config.json for {model_id!r} from the hub ({reason}) and it is not in the local cache; "
                 f"fetch it once with `hf download {model_id} config.json`, or set model.id to a local folder that holds config.json"
@@ -507,7 +586,9 @@ def load_config(recipe: Recipe) -> tuple[dict, str]:
     return config, str(path)
 
 
-def run(recipe: Recipe, *, gpu_memory_gb: float | None, tokens_per_second: float | None, dataset_tokens: int | None) -> Plan:
+def run(
+    recipe: Recipe, *, gpu_memory_gb: float | None, tokens_per_second: float | None, dataset_tokens: int | None
+) -> Plan:
     """Resolve the config, estimate memory, suggest changes when it does not fit, and time an epoch."""
     config, source = load_config(recipe)
     predicted = estimate(config, recipe)
@@ -538,8 +619,10 @@ def _duration(seconds: float) -> str:
 def render(plan: Plan) -> Group:
     """The breakdown table, the fit verdict with headroom, suggestions and time per epoch, for a rich Console."""
     recipe = plan.estimate.recipe
-    table = Table(title=f"Peak GPU memory: {Path(recipe.model.id).name if is_local(recipe.model.id) else recipe.model.id}, "
-                        f"batch {recipe.train.batch_size} x {recipe.data.max_length} tokens")
+    table = Table(
+        title=f"Peak GPU memory: {Path(recipe.model.id).name if is_local(recipe.model.id) else recipe.model.id}, "
+        f"batch {recipe.train.batch_size} x {recipe.data.max_length} tokens"
+    )
     table.add_column("component")
     table.add_column("GB", justify="right")
     table.add_column("note", style="dim")
@@ -561,10 +644,16 @@ def render(plan: Plan) -> Group:
             lines.append(Text("Changes that would fit (new predicted peak):"))
             lines.extend(Text(f"  {suggestion}") for suggestion in plan.suggestions)
         else:
-            lines.append(Text("No change to batch, length, checkpointing, rank or optimizer fits: use a GPU with more memory."))
+            lines.append(
+                Text("No change to batch, length, checkpointing, rank or optimizer fits: use a GPU with more memory.")
+            )
     throughput = f"{plan.tokens_per_second:,.0f} tokens/s ({plan.throughput_source})"
     if plan.epoch_seconds is not None:
-        lines.append(Text(f"Time per epoch: {_duration(plan.epoch_seconds)} for {plan.dataset_tokens:,} tokens at {throughput}."))
+        lines.append(
+            Text(f"Time per epoch: {_duration(plan.epoch_seconds)} for {plan.dataset_tokens:,} tokens at {throughput}.")
+        )
     else:
-        lines.append(Text(f"Throughput {throughput}; pass the dataset's token count (--dataset-tokens) for the time per epoch."))
+        lines.append(
+            Text(f"Throughput {throughput}; pass the dataset's token count (--dataset-tokens) for the time per epoch.")
+        )
     return Group(*lines)

@@ -6,7 +6,7 @@ caller — data building, generation, evaluation — goes through `render_prompt
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 TEMPLATES: dict[str, dict[str, str]] = {
     # Stanford Alpaca's wording, byte for byte: adapters trained elsewhere on alpaca data expect it.

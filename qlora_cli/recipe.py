@@ -25,12 +25,23 @@ HUB_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
 
 # Names users bring from peft, bitsandbytes, TRL and other tools, mapped to ours for "did you mean".
 SYNONYMS = {
-    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "model_name_or_path": "id",
-    "bnb_4bit_quant_type": "quant_type", "bnb_4bit_use_double_quant": "double_quant",
-    "bnb_4bit_compute_dtype": "compute_dtype", "bnb_4bit_quant_storage": "quant_storage",
-    "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
-    "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "scheduler", "max_seq_length": "max_length",
-    "dataset": "path", "save_total_limit": "save_limit",
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "model_name_or_path": "id",
+    "bnb_4bit_quant_type": "quant_type",
+    "bnb_4bit_use_double_quant": "double_quant",
+    "bnb_4bit_compute_dtype": "compute_dtype",
+    "bnb_4bit_quant_storage": "quant_storage",
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler_type": "scheduler",
+    "max_seq_length": "max_length",
+    "dataset": "path",
+    "save_total_limit": "save_limit",
 }
 
 
@@ -41,9 +52,15 @@ class Section(BaseModel):
 class ModelSection(Section):
     id: str = Field(description="Hub model id (org/name) or a local folder of safetensors weights.")
     revision: str | None = Field(None, description="Hub branch, tag or commit; pin it for reproducible runs.")
-    load_in_4bit: bool = Field(True, description="Freeze the base in 4-bit (QLoRA); false trains LoRA on a 16-bit base.")
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 fits normally distributed weights best.")
-    double_quant: bool = Field(True, description="Quantize the quantization constants too: saves ~0.37 bit/param (~0.3 GB on 7B).")
+    load_in_4bit: bool = Field(
+        True, description="Freeze the base in 4-bit (QLoRA); false trains LoRA on a 16-bit base."
+    )
+    quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4-bit data type; NF4 fits normally distributed weights best."
+    )
+    double_quant: bool = Field(
+        True, description="Quantize the quantization constants too: saves ~0.37 bit/param (~0.3 GB on 7B)."
+    )
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="Dtype the 4-bit weights are dequantized to for matmuls; bf16 avoids fp16 overflow."
     )
@@ -55,7 +72,9 @@ class ModelSection(Section):
         "auto",
         description="Attention kernel; auto: flex attention for packed training on CUDA (no dense tokens x tokens mask), else sdpa.",
     )
-    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="Where to train; 'cuda' refuses to start without a GPU.")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="Where to train; 'cuda' refuses to start without a GPU."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSection:
@@ -63,33 +82,45 @@ class ModelSection(Section):
         if not self.load_in_4bit:
             set_quant = sorted({"quant_type", "double_quant", "quant_storage"} & self.model_fields_set)
             if set_quant:
-                problems.append(f"{', '.join(set_quant)} only apply with load_in_4bit: true; remove them or set load_in_4bit: true")
+                problems.append(
+                    f"{', '.join(set_quant)} only apply with load_in_4bit: true; remove them or set load_in_4bit: true"
+                )
         if self.trust_remote_code and not self.revision:
-            problems.append("trust_remote_code: true needs a pinned revision (a commit hash), so the code you run is the code you read")
+            problems.append(
+                "trust_remote_code: true needs a pinned revision (a commit hash), so the code you run is the code you read"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
 
 class LoraSection(Section):
-    name: str = Field(description="Adapter name, used to find it later (`qlora generate --adapter NAME`). Defaults to the recipe's file name.")
+    name: str = Field(
+        description="Adapter name, used to find it later (`qlora generate --adapter NAME`). Defaults to the recipe's file name."
+    )
     r: int = Field(16, gt=0, description="LoRA rank: adapter capacity; trainable parameters grow linearly with it.")
     alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator; the update is scaled by alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input, in [0, 1).")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt, or 'all-linear' (every linear layer but the LM head, as in QLoRA)."
+        "all-linear",
+        description="Module names to adapt, or 'all-linear' (every linear layer but the LM head, as in QLoRA).",
     )
     bias: Literal["none", "all", "lora_only"] = Field(
-        "none", description="Which biases to train alongside the adapter; only 'none' can be merged or served as a plain adapter."
+        "none",
+        description="Which biases to train alongside the adapter; only 'none' can be merged or served as a plain adapter.",
     )
 
     @field_validator("name")
     @classmethod
     def _plain_name(cls, name: str) -> str:
         if not ADAPTER_NAME.match(name):
-            raise ValueError(f"adapter name {name!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+            raise ValueError(
+                f"adapter name {name!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
         if name.lower() in RESERVED_ADAPTER_NAMES:
-            raise ValueError(f"adapter name {name!r} is reserved ('none' is the base alone, 'mix' a weighted combination); pick another")
+            raise ValueError(
+                f"adapter name {name!r} is reserved ('none' is the base alone, 'mix' a weighted combination); pick another"
+            )
         return name
 
     @field_validator("bias")
@@ -98,7 +129,9 @@ class LoraSection(Section):
         # peft then saves trained copies of the base's own biases beside the LoRA factors; `qlora merge`
         # folds only B @ A into weights, so the adapter would train fine and fail at the last step.
         if bias != "none":
-            raise ValueError(f"{bias!r} trains the base model's biases, which qlora merge cannot fold into the base; use none")
+            raise ValueError(
+                f"{bias!r} trains the base model's biases, which qlora merge cannot fold into the base; use none"
+            )
         return bias
 
     @field_validator("target_modules")
@@ -110,25 +143,36 @@ class LoraSection(Section):
 
 
 class DataSection(Section):
-    path: str = Field(description="Hub dataset id, or a local .jsonl/.json/.csv/.parquet file (relative to the recipe).")
+    path: str = Field(
+        description="Hub dataset id, or a local .jsonl/.json/.csv/.parquet file (relative to the recipe)."
+    )
     split: str = Field("train", description="Split to train on, for hub datasets.")
-    format: Literal["alpaca"] = Field("alpaca", description="Row layout: alpaca rows have instruction, optional input, output.")
+    format: Literal["alpaca"] = Field(
+        "alpaca", description="Row layout: alpaca rows have instruction, optional input, output."
+    )
     columns: dict[Literal["instruction", "input", "output"], str] = Field(
         {}, description="Dataset columns that hold the alpaca fields, e.g. {instruction: question, output: answer}."
     )
-    template: Literal["alpaca"] = Field("alpaca", description="Prompt template; the adapter records it and generation reuses it.")
+    template: Literal["alpaca"] = Field(
+        "alpaca", description="Prompt template; the adapter records it and generation reuses it."
+    )
     task: Literal["forward", "reverse"] = Field(
-        "forward", description="'reverse' learns to write the instruction that a response answers (the QLoRA tutorial's task)."
+        "forward",
+        description="'reverse' learns to write the instruction that a response answers (the QLoRA tutorial's task).",
     )
     eval_path: str | None = Field(None, description="Held-out file or hub split (e.g. 'test') for evaluation loss.")
-    eval_fraction: float = Field(0.0, ge=0, lt=1, description="Share of training rows held out for evaluation when eval_path is unset.")
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of training rows held out for evaluation when eval_path is unset."
+    )
     max_length: int = Field(2048, gt=0, description="Tokens per example; longer ones are truncated from the end.")
     truncated: Literal["drop", "fail"] = Field(
-        "drop", description="Examples whose whole response falls beyond max_length teach nothing: drop them with a warning, or fail."
+        "drop",
+        description="Examples whose whole response falls beyond max_length teach nothing: drop them with a warning, or fail.",
     )
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows (quick experiments).")
     invalid_rows: Literal["fail", "drop"] = Field(
-        "fail", description="Rows with an empty or missing field: stop naming the first (fail), or skip them all and say how many (drop)."
+        "fail",
+        description="Rows with an empty or missing field: stop naming the first (fail), or skip them all and say how many (drop).",
     )
 
 
@@ -137,27 +181,41 @@ class TrainSection(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the data; ignored when max_steps is set.")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run; overrides epochs.")
     batch_size: int = Field(4, gt=0, description="Examples per device per micro-step.")
-    grad_accum: int = Field(4, gt=0, description="Micro-steps per optimizer step; effective batch = batch_size x grad_accum x GPUs.")
+    grad_accum: int = Field(
+        4, gt=0, description="Micro-steps per optimizer step; effective batch = batch_size x grad_accum x GPUs."
+    )
     lr: float = Field(2.0e-4, gt=0, description="Peak learning rate (QLoRA used 2e-4 for 7B-13B models).")
     scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
     )
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming the learning rate up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on adapter weights.")
-    max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping norm (QLoRA's 0.3 keeps 4-bit training stable).")
+    max_grad_norm: float = Field(
+        0.3, gt=0, description="Gradient clipping norm (QLoRA's 0.3 keeps 4-bit training stable)."
+    )
     optim: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_bnb_8bit"] = Field(
-        "paged_adamw_32bit", description="Optimizer; paged variants spill optimizer state to CPU on memory spikes instead of OOM."
+        "paged_adamw_32bit",
+        description="Optimizer; paged variants spill optimizer state to CPU on memory spikes instead of OOM.",
     )
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward: ~30% slower, far less memory.")
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in backward: ~30% slower, far less memory."
+    )
     packing: bool = Field(
-        True, description="Pack examples into rows of max_length tokens, each attending only to itself: no compute spent on padding."
+        True,
+        description="Pack examples into rows of max_length tokens, each attending only to itself: no compute spent on padding.",
     )
-    liger_kernel: bool = Field(True, description="Fused RMSNorm/RoPE/SwiGLU kernels from liger-kernel, on CUDA when it is installed.")
-    activation_offloading: bool = Field(False, description="Keep checkpointed activations in CPU memory: less GPU memory, some speed.")
+    liger_kernel: bool = Field(
+        True, description="Fused RMSNorm/RoPE/SwiGLU kernels from liger-kernel, on CUDA when it is installed."
+    )
+    activation_offloading: bool = Field(
+        False, description="Keep checkpointed activations in CPU memory: less GPU memory, some speed."
+    )
     seed: int = Field(42, description="Seed for data order, dropout and adapter initialisation.")
     logging_steps: int = Field(10, gt=0, description="Log loss every N optimizer steps.")
     save_steps: int = Field(100, gt=0, description="Write a checkpoint every N optimizer steps.")
-    save_limit: int = Field(2, gt=0, description="Complete checkpoints to keep; older ones go only after a newer one is complete.")
+    save_limit: int = Field(
+        2, gt=0, description="Complete checkpoints to keep; older ones go only after a newer one is complete."
+    )
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         ["tensorboard"], description="Experiment trackers to log to (each used only if installed); [] for none."
     )
@@ -206,7 +264,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise QloraError(f"{path}: a recipe must be a mapping of sections (model, lora, data, train), not {type(data).__name__}")
+        raise QloraError(
+            f"{path}: a recipe must be a mapping of sections (model, lora, data, train), not {type(data).__name__}"
+        )
     for override in overrides:
         _apply_override(data, override)
     _refuse_tokens(data)

@@ -35,7 +35,9 @@ class RichProgress(TrainerCallback):
             TimeRemainingColumn(),
             transient=False,
         )
-        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, loss="-", speed="-")
+        self.task = self.progress.add_task(
+            "train", total=state.max_steps, completed=state.global_step, loss="-", speed="-"
+        )
         self.started, self.tokens_at_start = time.perf_counter(), state.num_input_tokens_seen
         self.progress.start()
 
@@ -94,7 +96,9 @@ def plot_curves(log_history: list[dict], path: Path) -> Path | None:
     return path
 
 
-def write_report(run_dir: Path, *, recipe, metrics: dict, trainable: int, total: int, adapter_dir: Path, curve: Path | None) -> Path:
+def write_report(
+    run_dir: Path, *, recipe, metrics: dict, trainable: int, total: int, adapter_dir: Path, curve: Path | None
+) -> Path:
     from qlora_cli.lora import human_count
 
     lines = [
@@ -107,7 +111,8 @@ def write_report(run_dir: Path, *, recipe, metrics: dict, trainable: int, total:
         f"- training: {metrics['steps']} steps, lr {recipe.train.lr}, batch {recipe.train.batch_size} x {recipe.train.grad_accum}, {recipe.train.optim}",
         f"- tokens seen: {metrics['tokens_seen']:,}; {metrics['tokens_per_second']:,.0f} tokens/s over {metrics['train_seconds']} s",
         f"- peak memory: {metrics['peak_memory']}",
-        f"- final train loss: {metrics['train_loss']}" + (f"; eval loss: {metrics['eval_loss']}" if "eval_loss" in metrics else ""),
+        f"- final train loss: {metrics['train_loss']}"
+        + (f"; eval loss: {metrics['eval_loss']}" if "eval_loss" in metrics else ""),
         f"- adapter: `{adapter_dir}`",
         "",
     ]

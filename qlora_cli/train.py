@@ -12,9 +12,9 @@ import signal
 from pathlib import Path
 
 import datasets
-from rich.console import Console
 import torch
 from accelerate import PartialState
+from rich.console import Console
 from rich.text import Text
 from transformers import PrinterCallback, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
@@ -24,7 +24,16 @@ from qlora_cli.data import IGNORE_INDEX, TrainingData, build_dataset
 from qlora_cli.errors import QloraError
 from qlora_cli.files import MARKER, atomic_directory, check_new_output, refuse_dangerous_output
 from qlora_cli.lora import attach_lora, check_target_modules, human_count, lora_config
-from qlora_cli.model import base_model_record, check_device, empty_model, load_model, load_tokenizer, resolve_model_dir, sharded_launch, zero3_launch
+from qlora_cli.model import (
+    base_model_record,
+    check_device,
+    empty_model,
+    load_model,
+    load_tokenizer,
+    resolve_model_dir,
+    sharded_launch,
+    zero3_launch,
+)
 from qlora_cli.recipe import Recipe
 from qlora_cli.report import RichProgress, peak_memory, plot_curves, write_report
 
@@ -92,10 +101,15 @@ class StopOnSignal(TrainerCallback):
 
     def handle(self, signum: int, frame) -> None:
         if self.signum is None:
-            log.warning("%s received: saving a checkpoint at the end of this step, then stopping", signal.Signals(signum).name)
+            log.warning(
+                "%s received: saving a checkpoint at the end of this step, then stopping", signal.Signals(signum).name
+            )
             self.signum = signum
         else:
-            log.warning("%s received again: still saving the checkpoint; it stays atomic if you kill -9 now", signal.Signals(signum).name)
+            log.warning(
+                "%s received again: still saving the checkpoint; it stays atomic if you kill -9 now",
+                signal.Signals(signum).name,
+            )
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.signum is not None:
@@ -120,7 +134,10 @@ class DivergenceGuard:
     def must_stop(self, finite: bool) -> bool:
         self.in_a_row = 0 if finite else self.in_a_row + 1
         if 0 < self.in_a_row <= self.tolerated:
-            log.warning("non-finite loss (%d in a row): the fp16 grad scaler skips this step and lowers its scale", self.in_a_row)
+            log.warning(
+                "non-finite loss (%d in a row): the fp16 grad scaler skips this step and lowers its scale",
+                self.in_a_row,
+            )
         return self.in_a_row > self.tolerated
 
 
@@ -158,7 +175,9 @@ class CheckpointingTrainer(SFTTrainer):
             shutil.rmtree(staged, ignore_errors=True)
             previous = checkpoints.latest_checkpoint(run_dir)
             kept = f"; {previous.name} is intact" if previous else ""
-            raise QloraError(f"cannot write checkpoint-{self.state.global_step} in {run_dir}: {error.strerror or error}{kept}") from None
+            raise QloraError(
+                f"cannot write checkpoint-{self.state.global_step} in {run_dir}: {error.strerror or error}{kept}"
+            ) from None
         finally:
             self.args.output_dir = str(run_dir)
 
@@ -168,7 +187,9 @@ class CheckpointingTrainer(SFTTrainer):
             step = self.state.global_step + 1
             last = checkpoints.latest_checkpoint(Path(self.args.output_dir))
             kept = f"last good checkpoint: {last}" if last else "no checkpoint was saved yet"
-            raise QloraError(f"loss became {loss.item()} at step {step}; stopped without exporting an adapter ({kept}). Lower train.lr or check the data")
+            raise QloraError(
+                f"loss became {loss.item()} at step {step}; stopped without exporting an adapter ({kept}). Lower train.lr or check the data"
+            )
         return loss
 
 
@@ -248,19 +269,34 @@ def run(
     if data.eval is not None:
         metrics["eval_loss"] = round(trainer.evaluate()["eval_loss"], 4)
     if not all(math.isfinite(value) for value in (metrics["train_loss"], metrics.get("eval_loss", 0.0))):
-        raise QloraError(f"training diverged (loss {metrics['train_loss']}); no adapter written. Lower train.lr and retry")
+        raise QloraError(
+            f"training diverged (loss {metrics['train_loss']}); no adapter written. Lower train.lr and retry"
+        )
     adapter_state = gathered_adapter_state(trainer.model_wrapped)  # every rank takes part in the gather
     if not ranks.is_main_process:
         return None
     checkpoints.discard_staging(run_dir)  # other ranks' late writes into the last checkpoint's staging folder
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     try:
-        export_adapter(trainer.accelerator.unwrap_model(trainer.model), tokenizer, recipe, base_record, metrics, adapter_dir, force=force, state_dict=adapter_state)
+        export_adapter(
+            trainer.accelerator.unwrap_model(trainer.model),
+            tokenizer,
+            recipe,
+            base_record,
+            metrics,
+            adapter_dir,
+            force=force,
+            state_dict=adapter_state,
+        )
     except OSError as error:
-        raise QloraError(f"cannot write adapter {adapter_dir}: {error.strerror or error}; nothing was left behind") from None
+        raise QloraError(
+            f"cannot write adapter {adapter_dir}: {error.strerror or error}; nothing was left behind"
+        ) from None
     trainable, total = model.get_nb_trainable_parameters()
     curve = plot_curves(trainer.state.log_history, run_dir / "loss.png")
-    report = write_report(run_dir, recipe=recipe, metrics=metrics, trainable=trainable, total=total, adapter_dir=adapter_dir, curve=curve)
+    report = write_report(
+        run_dir, recipe=recipe, metrics=metrics, trainable=trainable, total=total, adapter_dir=adapter_dir, curve=curve
+    )
     log.info("adapter %r written to %s; report: %s", recipe.lora.name, adapter_dir, report)
     return adapter_dir
 
@@ -313,7 +349,15 @@ def gathered_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | 
 
 
 def export_adapter(
-    model, tokenizer, recipe: Recipe, base_record: dict, metrics: dict, dest: Path, *, force: bool, state_dict: dict | None = None
+    model,
+    tokenizer,
+    recipe: Recipe,
+    base_record: dict,
+    metrics: dict,
+    dest: Path,
+    *,
+    force: bool,
+    state_dict: dict | None = None,
 ) -> None:
     """The self-describing adapter directory, visible only once complete. `state_dict` holds the
     gathered adapter tensors of a sharded run (gathered_adapter_state)."""
@@ -368,8 +412,12 @@ def show_dry_run(recipe: Recipe, skeleton, tokenizer, data: TrainingData) -> Non
 
     trainable, total = get_peft_model(skeleton, lora_config(recipe.lora)).get_nb_trainable_parameters()
     console.rule("adapter")
-    console.print(f"trainable {human_count(trainable)} of {human_count(total)} parameters ({100 * trainable / total:.2f}%)")
-    console.print(f"{len(data.train)} training examples, {data.dropped} dropped; dry run: nothing was trained or written")
+    console.print(
+        f"trainable {human_count(trainable)} of {human_count(total)} parameters ({100 * trainable / total:.2f}%)"
+    )
+    console.print(
+        f"{len(data.train)} training examples, {data.dropped} dropped; dry run: nothing was trained or written"
+    )
 
 
 def loss_mask_text(tokenizer, input_ids: list[int], labels: list[int]) -> Text:
@@ -389,6 +437,6 @@ def loss_mask_text(tokenizer, input_ids: list[int], labels: list[int]) -> Text:
         now = tokenizer.decode(input_ids[start : index + 1])
         if now.endswith("\ufffd"):  # an unfinished UTF-8 character: shown with the token that completes it
             continue
-        text.append(now[len(shown):], style=style)
+        text.append(now[len(shown) :], style=style)
         start, shown_until = shown_until, index + 1
     return text

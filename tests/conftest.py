@@ -16,13 +16,20 @@ import yaml  # noqa: E402
 
 import qlora_cli  # noqa: E402,F401  (sets OMP_WAIT_POLICY before torch loads)
 
+# isort: split
+
+# Mistral's real tokenizers (tests/real_tokenizers.py) as fixtures for every module.
+pytest_plugins = ["real_tokenizers"]
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny"
 
 
 @pytest.fixture(scope="session")
 def tiny_base() -> Path:
-    assert (TINY / "base" / "model.safetensors").is_file(), "the shipped tiny base is missing: python -m qlora_cli.demo.pretrain"
+    assert (TINY / "base" / "model.safetensors").is_file(), (
+        "the shipped tiny base is missing: python -m qlora_cli.demo.pretrain"
+    )
     return TINY / "base"
 
 
@@ -55,6 +62,8 @@ def trained_adapters(tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("adapters")
     runs = tmp_path_factory.mktemp("runs")
     for task in ("sql", "json"):
-        recipe = load_recipe(REPO / "recipes" / f"tiny-{task}.yaml", [f"train.output_dir={runs / task}", "train.epochs=2.0"])
+        recipe = load_recipe(
+            REPO / "recipes" / f"tiny-{task}.yaml", [f"train.output_dir={runs / task}", "train.epochs=2.0"]
+        )
         train.run(recipe, adapters_dir=str(home))
     return home

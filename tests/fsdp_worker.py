@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import qlora_cli  # noqa: F401
+
+# isort: split
 import torch
 import torch.distributed as dist
 from peft.utils.other import fsdp_auto_wrap_policy
@@ -32,7 +34,9 @@ def main(recipe_path: str, adapters: str) -> None:
     set_seed(recipe.train.seed)
     model = attach_lora(model, recipe.lora, gradient_checkpointing=True)  # sharded: read from the environment
     before = {name: param.detach().clone() for name, param in model.named_parameters() if "lora_" in name}
-    wrapped = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=False, device_id=torch.device("cpu"))
+    wrapped = FSDP(
+        model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=False, device_id=torch.device("cpu")
+    )
     ids = torch.randint(5, 200, (2, 24), generator=torch.Generator().manual_seed(dist.get_rank()))
     loss = wrapped(input_ids=ids, labels=ids).loss
     loss.backward()
@@ -40,10 +44,22 @@ def main(recipe_path: str, adapters: str) -> None:
     if dist.get_rank() == 0:
         tokenizer = load_tokenizer(model_dir, recipe.model)
         metrics = {"examples": 0, "loss": loss.item()}
-        train.export_adapter(model, tokenizer, recipe, base_model_record(recipe.model, model_dir), metrics, Path(adapters) / recipe.lora.name, force=False, state_dict=state)
+        train.export_adapter(
+            model,
+            tokenizer,
+            recipe,
+            base_model_record(recipe.model, model_dir),
+            metrics,
+            Path(adapters) / recipe.lora.name,
+            force=False,
+            state_dict=state,
+        )
         from safetensors.torch import save_file
 
-        save_file({name.replace(".default", ""): tensor.contiguous() for name, tensor in before.items()}, str(Path(adapters) / "before.safetensors"))
+        save_file(
+            {name.replace(".default", ""): tensor.contiguous() for name, tensor in before.items()},
+            str(Path(adapters) / "before.safetensors"),
+        )
         print(json.dumps({"loss": loss.item(), "dtypes": sorted({str(p.dtype) for p in model.parameters()})}))
     dist.barrier()
     dist.destroy_process_group()

@@ -13,7 +13,7 @@ The result is saved as tokenizer.json + tokenizer_config.json (in a temp folder 
 `cache_root`) and read back through `qlora_cli.model.load_tokenizer`, the way qlora loads a model's tokenizer (so
 SentencePiece models get pad = <unk>, as in training). No network: everything comes from installed wheels.
 
-Import the fixtures into a test module: `from real_tokenizers import real_tokenizer  # noqa: F401`.
+Its fixtures reach every test module through `pytest_plugins` in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -41,10 +41,14 @@ def mistral_common_file(kind: str) -> Path:
     try:
         data = Path(str(resources.files("mistral_common") / "data"))
     except ModuleNotFoundError:
-        pytest.fail("mistral-common is not installed; the real-tokenizer tests need the dev extra: pip install -e '.[dev]'")
+        pytest.fail(
+            "mistral-common is not installed; the real-tokenizer tests need the dev extra: pip install -e '.[dev]'"
+        )
     found = sorted(data.glob(SOURCE_FILES[kind]))
     if not found:
-        pytest.fail(f"mistral-common {data} ships no {SOURCE_FILES[kind]}; the real-tokenizer tests need a version that does")
+        pytest.fail(
+            f"mistral-common {data} ships no {SOURCE_FILES[kind]}; the real-tokenizer tests need a version that does"
+        )
     return found[-1]
 
 
@@ -86,7 +90,9 @@ def cache_root() -> Path:
     import transformers
 
     key = hashlib.sha256(
-        "\n".join([Path(__file__).read_text(), transformers.__version__, tokenizers.__version__, mistral_common.__version__]).encode()
+        "\n".join(
+            [Path(__file__).read_text(), transformers.__version__, tokenizers.__version__, mistral_common.__version__]
+        ).encode()
     ).hexdigest()[:16]
     root = Path(tempfile.gettempdir()) / "qlora-test-tokenizers" / key
     root.mkdir(parents=True, exist_ok=True)

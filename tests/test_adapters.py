@@ -5,8 +5,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import TINY, read_jsonl
+
 from qlora_cli.cli import main
 from qlora_cli.errors import QloraError
 from qlora_cli.generate import BASE, Sampling, add_mix, exact_match, open_session
@@ -83,15 +83,36 @@ def test_plain_peft_loads_the_adapter_with_no_qlora_code(trained_adapters, sessi
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     output = model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=tokenizer.eos_token_id)
     plain_answer = tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip()
-    assert plain_answer.startswith("SELECT") and plain_answer == session.ask([SQL[0]], "sql", Sampling(max_new_tokens=40))[0]
+    assert (
+        plain_answer.startswith("SELECT")
+        and plain_answer == session.ask([SQL[0]], "sql", Sampling(max_new_tokens=40))[0]
+    )
 
 
 def test_batch_mode_routes_each_row_to_its_adapter(trained_adapters, session, tmp_path, capsys, monkeypatch):
     prompts = tmp_path / "prompts.jsonl"
     rows = [{**SQL[0], "adapter": "sql"}, {**JSON[0], "adapter": "json"}]
-    prompts.write_text("".join(json.dumps({k: row[k] for k in ("instruction", "input", "adapter")}) + "\n" for row in rows))
+    prompts.write_text(
+        "".join(json.dumps({k: row[k] for k in ("instruction", "input", "adapter")}) + "\n" for row in rows)
+    )
     out = tmp_path / "answers.jsonl"
-    code, _, err = run_cli(["generate", "-a", "sql", "-a", "json", "--prompts", str(prompts), "--out", str(out), "--adapters-dir", str(trained_adapters)], capsys, monkeypatch)
+    code, _, err = run_cli(
+        [
+            "generate",
+            "-a",
+            "sql",
+            "-a",
+            "json",
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(out),
+            "--adapters-dir",
+            str(trained_adapters),
+        ],
+        capsys,
+        monkeypatch,
+    )
     assert code == 0, err
     answers = read_jsonl(out)
     expected = [session.ask([SQL[0]], "sql")[0], session.ask([JSON[0]], "json")[0]]
@@ -100,7 +121,21 @@ def test_batch_mode_routes_each_row_to_its_adapter(trained_adapters, session, tm
 
 
 def test_compare_prints_base_and_adapter(trained_adapters, session, capsys, monkeypatch):
-    code, out, err = run_cli(["generate", "--compare", "-a", "sql", SQL[1]["instruction"], "--input", SQL[1]["input"], "--adapters-dir", str(trained_adapters)], capsys, monkeypatch)
+    code, out, err = run_cli(
+        [
+            "generate",
+            "--compare",
+            "-a",
+            "sql",
+            SQL[1]["instruction"],
+            "--input",
+            SQL[1]["input"],
+            "--adapters-dir",
+            str(trained_adapters),
+        ],
+        capsys,
+        monkeypatch,
+    )
     assert code == 0, err
     assert "── none ──" in out and "── sql ──" in out and session.ask([SQL[1]], "sql")[0] in out
 
@@ -121,7 +156,9 @@ def test_merged_model_scores_what_the_adapter_scores(trained_adapters, session, 
     assert summary["source"] == "nf4" and summary["relative_logit_diff"] <= 1e-3
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # plain transformers: no lock-in
     adapter_score, adapter_answers = exact_match(session, SQL, "sql")
-    merged_session = type(session)(model=merged, tokenizer=session.tokenizer, base_id="merged", templates={"sql": "alpaca"})
+    merged_session = type(session)(
+        model=merged, tokenizer=session.tokenizer, base_id="merged", templates={"sql": "alpaca"}
+    )
     merged_score, merged_answers = exact_match(merged_session, SQL, "sql")
     assert merged_score == adapter_score
     assert sum(a == b for a, b in zip(adapter_answers, merged_answers)) >= len(SQL) - 1
@@ -131,15 +168,35 @@ def test_eval_puts_base_adapter_and_mix_in_one_table_and_json(trained_adapters, 
     out = tmp_path / "eval.json"
     monkeypatch.chdir(TINY.parent.parent)  # the README's relative path, as a user types it
     code, printed, err = run_cli(
-        ["eval", "--data", "recipes/tiny/sql/test.jsonl", "--max-rows", "20", "-a", "none", "-a", "sql",
-         "--mix", "sql=0.9,json=0.1", "--sql", "--out", str(out), "--adapters-dir", str(trained_adapters)],
-        capsys, monkeypatch,
+        [
+            "eval",
+            "--data",
+            "recipes/tiny/sql/test.jsonl",
+            "--max-rows",
+            "20",
+            "-a",
+            "none",
+            "-a",
+            "sql",
+            "--mix",
+            "sql=0.9,json=0.1",
+            "--sql",
+            "--out",
+            str(out),
+            "--adapters-dir",
+            str(trained_adapters),
+        ],
+        capsys,
+        monkeypatch,
     )
     assert code == 0, err
     assert "exact" in printed and "execution" in printed and "mix" in printed  # rich wraps headers at 80 columns
     results = {row["adapter"]: row for row in json.loads(out.read_text())["results"]}
     assert list(results) == ["none", "sql", "mix"] and all(row["examples"] == 20 for row in results.values())
-    assert results["sql"]["exact_match"] > results["none"]["exact_match"] and results["sql"]["loss"] < results["none"]["loss"]
+    assert (
+        results["sql"]["exact_match"] > results["none"]["exact_match"]
+        and results["sql"]["loss"] < results["none"]["loss"]
+    )
     # Same queries can differ in text yet return the same rows, never the reverse.
     assert all(row["execution_match"] >= row["exact_match"] for row in results.values())
 

@@ -11,19 +11,30 @@ import sys
 from statistics import mean, median
 
 import pytest
+from conftest import REPO
 from transformers import MistralConfig
 from trl import SFTConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from conftest import REPO
 from qlora_cli import bench, plan
 from qlora_cli.data import IGNORE_INDEX
 from qlora_cli.recipe import TrainSection
 
 
 def tiny_settings(**changes) -> bench.Settings:
-    values = dict(shape="tiny", examples=300, length_cap=256, warmup=1, batch_size=None, max_length=256, r=4, seed=0,
-                  device="cpu", base_dir="-", work_dir="-")
+    values = dict(
+        shape="tiny",
+        examples=300,
+        length_cap=256,
+        warmup=1,
+        batch_size=None,
+        max_length=256,
+        r=4,
+        seed=0,
+        device="cpu",
+        base_dir="-",
+        work_dir="-",
+    )
     return bench.Settings(**{**values, **changes})
 
 
@@ -54,7 +65,10 @@ def test_synthetic_examples_mask_the_prompt_and_learn_the_response_and_eos():
 
 
 def test_batches_count_real_tokens_and_fingerprint_examples_however_they_are_batched():
-    examples = [{"input_ids": [1, 5, 6, 2], "labels": [-100, 5, 6, 2]}, {"input_ids": [1, 7, 2], "labels": [-100, 7, 2]}]
+    examples = [
+        {"input_ids": [1, 5, 6, 2], "labels": [-100, 5, 6, 2]},
+        {"input_ids": [1, 7, 2], "labels": [-100, 7, 2]},
+    ]
     padded = bench.TokenCounter(DataCollatorForLanguageModeling(pad_token_id=0))
     padded(examples)
     (record,) = padded.batches
@@ -68,8 +82,12 @@ def test_batches_count_real_tokens_and_fingerprint_examples_however_they_are_bat
     packed = padding_free.batches[1]
     assert packed.examples == (3, 4)
     fingerprints = {bench.examples_fingerprint(list(batch.digests)) for batch in (record, flat, packed)}
-    assert fingerprints == {bench.examples_fingerprint([bench.example_digest(example["input_ids"]) for example in examples])}
-    assert bench.examples_fingerprint([bench.example_digest([1, 5, 6, 2])]) != bench.examples_fingerprint(list(record.digests))
+    assert fingerprints == {
+        bench.examples_fingerprint([bench.example_digest(example["input_ids"]) for example in examples])
+    }
+    assert bench.examples_fingerprint([bench.example_digest([1, 5, 6, 2])]) != bench.examples_fingerprint(
+        list(record.digests)
+    )
 
 
 def test_a_run_whose_arms_saw_different_examples_is_refused():
@@ -91,7 +109,9 @@ def test_flop_model_matches_the_performance_model():
     assert flops.model_flops(2048, pairs) / 2048 == pytest.approx(31.3e9, rel=0.015)
     assert flops.hardware_flops(2048, pairs, checkpointing=True) / 2048 == pytest.approx(46.2e9, rel=0.015)
     recipe = bench.qlora_recipe(tiny_settings(r=64, max_length=2048))
-    assert flops.hardware_flops(2048, pairs, checkpointing=True) / 2048 == pytest.approx(plan.flops_per_token(config, recipe), rel=0.01)
+    assert flops.hardware_flops(2048, pairs, checkpointing=True) / 2048 == pytest.approx(
+        plan.flops_per_token(config, recipe), rel=0.01
+    )
     # Without padding or recompute the hardware did exactly the model's work; padding and recompute only add.
     assert flops.hardware_flops(1000, 5000, checkpointing=False) == flops.model_flops(1000, 5000)
     padded = flops.hardware_flops(1500, 9000, checkpointing=False)
@@ -101,7 +121,20 @@ def test_flop_model_matches_the_performance_model():
 @pytest.mark.pipeline
 def test_training_benchmark_compares_three_arms_on_the_same_examples(tmp_path, capsys):
     report_path, markdown_path = tmp_path / "bench.json", tmp_path / "BENCHMARKS.md"
-    bench.main(["--shape", "tiny", "--examples", "200", "--warmup", "1", "--json", str(report_path), "--markdown", str(markdown_path)])
+    bench.main(
+        [
+            "--shape",
+            "tiny",
+            "--examples",
+            "200",
+            "--warmup",
+            "1",
+            "--json",
+            str(report_path),
+            "--markdown",
+            str(markdown_path),
+        ]
+    )
     printed = capsys.readouterr().out
 
     report = json.loads(report_path.read_text())
@@ -111,25 +144,58 @@ def test_training_benchmark_compares_three_arms_on_the_same_examples(tmp_path, c
     data = report["data"]
     assert data["examples"] == 200 and data["real_tokens"] == report["lengths"]["tokens"]
     for row in rows:
-        assert (row["examples_fingerprint"], row["examples"], row["real_tokens"]) == (data["fingerprint"], 200, data["real_tokens"])
+        assert (row["examples_fingerprint"], row["examples"], row["real_tokens"]) == (
+            data["fingerprint"],
+            200,
+            data["real_tokens"],
+        )
         assert 0 < row["measured_real_tokens"] < row["real_tokens"]  # the warm-up step is not timed
         assert row["tokens_per_second"] > 0 and 0 < row["mfu"] < row["hfu"]  # checkpointing recomputes; padding costs
         assert row["optimizer_steps"] == math.ceil(row["micro_steps"] / row["config"]["grad_accum"])
         assert row["tokens_per_step"] == pytest.approx(row["real_tokens"] / row["optimizer_steps"])
 
     # (a) the tutorial settings, (b) TRL's defaults as installed, (c) qlora's schema defaults.
-    expected_tutorial = {"micro_batch": 4, "grad_accum": 4, "optim": "paged_adamw_32bit", "learning_rate": 2e-4,
-                         "lr_scheduler": "constant", "max_grad_norm": 0.3, "gradient_checkpointing": True,
-                         "packing": False, "padding_free": False, "max_length": report["settings"]["max_length"]}
+    expected_tutorial = {
+        "micro_batch": 4,
+        "grad_accum": 4,
+        "optim": "paged_adamw_32bit",
+        "learning_rate": 2e-4,
+        "lr_scheduler": "constant",
+        "max_grad_norm": 0.3,
+        "gradient_checkpointing": True,
+        "packing": False,
+        "padding_free": False,
+        "max_length": report["settings"]["max_length"],
+    }
     assert {key: tutorial["config"][key] for key in expected_tutorial} == expected_tutorial
     defaults = SFTConfig(output_dir=str(tmp_path / "defaults"), use_cpu=True)
-    assert (trl["config"]["micro_batch"], trl["config"]["grad_accum"], trl["config"]["learning_rate"], trl["config"]["max_length"],
-            trl["config"]["optim"], trl["config"]["packing"]) == (
-        defaults.per_device_train_batch_size, defaults.gradient_accumulation_steps, defaults.learning_rate, defaults.max_length,
-        defaults.optim.value, defaults.packing)
+    assert (
+        trl["config"]["micro_batch"],
+        trl["config"]["grad_accum"],
+        trl["config"]["learning_rate"],
+        trl["config"]["max_length"],
+        trl["config"]["optim"],
+        trl["config"]["packing"],
+    ) == (
+        defaults.per_device_train_batch_size,
+        defaults.gradient_accumulation_steps,
+        defaults.learning_rate,
+        defaults.max_length,
+        defaults.optim.value,
+        defaults.packing,
+    )
     schema = TrainSection.model_fields
-    assert (qlora["config"]["micro_batch"], qlora["config"]["grad_accum"], qlora["config"]["optim"], qlora["config"]["packing"]) == (
-        schema["batch_size"].default, schema["grad_accum"].default, schema["optim"].default, schema["packing"].default)
+    assert (
+        qlora["config"]["micro_batch"],
+        qlora["config"]["grad_accum"],
+        qlora["config"]["optim"],
+        qlora["config"]["packing"],
+    ) == (
+        schema["batch_size"].default,
+        schema["grad_accum"].default,
+        schema["optim"].default,
+        schema["packing"].default,
+    )
 
     # Tokens per optimizer step differ as configured: 16 examples, 8 examples, 16 packed rows of max_length.
     assert tutorial["optimizer_steps"] == math.ceil(200 / 16) and trl["optimizer_steps"] == math.ceil(200 / 8)
@@ -142,7 +208,15 @@ def test_training_benchmark_compares_three_arms_on_the_same_examples(tmp_path, c
         assert words in printed
     markdown = markdown_path.read_text()
     assert "python -m qlora_cli.bench --shape tiny --examples 200 --warmup 1" in markdown
-    for words in ("| (a) tutorial |", "| (b) TRL defaults |", "| (c) qlora |", "MFU", "HFU", "paged_adamw_32bit", "adamw_torch_fused"):
+    for words in (
+        "| (a) tutorial |",
+        "| (b) TRL defaults |",
+        "| (c) qlora |",
+        "MFU",
+        "HFU",
+        "paged_adamw_32bit",
+        "adamw_torch_fused",
+    ):
         assert words in markdown
     for library in ("torch", "transformers", "peft", "trl", "bitsandbytes"):
         assert f"{library} {importlib.metadata.version(library)}" in markdown

@@ -63,5 +63,9 @@ def test_recipes_list_show_copy(tmp_path):
     copied = runner.invoke(app, ["recipes", "copy", "tiny-sql", str(tmp_path / "mine.yaml")])
     assert copied.exit_code == 0, copied.output
     assert runner.invoke(app, ["validate", str(tmp_path / "mine.yaml")]).exit_code == 0  # paths still resolve
-    again = subprocess.run([sys.executable, "-m", "qlora_cli", "recipes", "copy", "tiny-sql", str(tmp_path / "mine.yaml")], capture_output=True, text=True)
+    again = subprocess.run(
+        [sys.executable, "-m", "qlora_cli", "recipes", "copy", "tiny-sql", str(tmp_path / "mine.yaml")],
+        capture_output=True,
+        text=True,
+    )
     assert again.returncode == 1 and "already exists" in again.stderr

@@ -26,11 +26,20 @@ def test_eos_is_learned_even_when_pad_is_eos(tokenizer):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     short = tokenize_example("### Response:\n", "SELECT 1;", tokenizer, 256)
-    long = tokenize_example("### Instruction:\nHow many people are there?\n\n### Response:\n", "SELECT COUNT(*) FROM people;", tokenizer, 256)
+    long = tokenize_example(
+        "### Instruction:\nHow many people are there?\n\n### Response:\n",
+        "SELECT COUNT(*) FROM people;",
+        tokenizer,
+        256,
+    )
     for example in (short, long):
         assert example["labels"][-1] == tokenizer.eos_token_id
         learned = [label for label in example["labels"] if label != IGNORE_INDEX]
-        assert tokenizer.decode(learned[:-1]) == tokenizer.decode(tokenizer("SELECT 1;" if example is short else "SELECT COUNT(*) FROM people;", add_special_tokens=False)["input_ids"])
+        assert tokenizer.decode(learned[:-1]) == tokenizer.decode(
+            tokenizer("SELECT 1;" if example is short else "SELECT COUNT(*) FROM people;", add_special_tokens=False)[
+                "input_ids"
+            ]
+        )
     batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)([short, long])
     for row, example in zip(batch["labels"], (short, long)):
         assert row[len(example["labels"]) - 1] == tokenizer.eos_token_id
@@ -91,7 +100,9 @@ def test_responses_cut_off_by_max_length_are_counted_then_dropped_or_fatal(tmp_p
 
 
 def test_dataset_columns_map_onto_alpaca_fields(tmp_path, tokenizer):
-    path = rows_file(tmp_path, [{"question": "How many?", "context": "table t (a)", "answer": "SELECT COUNT(*) FROM t;"}])
+    path = rows_file(
+        tmp_path, [{"question": "How many?", "context": "table t (a)", "answer": "SELECT COUNT(*) FROM t;"}]
+    )
     section = DataSection(path=str(path), columns={"instruction": "question", "input": "context", "output": "answer"})
     example = build_dataset(section, tokenizer).train[0]
     learned = [label for label in example["labels"] if label != IGNORE_INDEX]
@@ -100,7 +111,10 @@ def test_dataset_columns_map_onto_alpaca_fields(tmp_path, tokenizer):
 
 
 def test_invalid_rows_fail_names_the_first_bad_row_and_the_fix(tmp_path, tokenizer):
-    path = rows_file(tmp_path, [{"instruction": "a", "output": "b"}, {"instruction": "a", "output": " "}, {"instruction": "", "output": "b"}])
+    path = rows_file(
+        tmp_path,
+        [{"instruction": "a", "output": "b"}, {"instruction": "a", "output": " "}, {"instruction": "", "output": "b"}],
+    )
     with pytest.raises(QloraError, match=r"row 2: missing or empty field\(s\) output .*set data.invalid_rows: drop"):
         build_dataset(DataSection(path=str(path)), tokenizer)
 
@@ -118,13 +132,18 @@ def test_invalid_rows_drop_skips_them_and_says_how_many(tmp_path, tokenizer, cap
     with caplog.at_level("WARNING", logger="qlora_cli.data"):
         data = build_dataset(DataSection(path=str(path), invalid_rows="drop"), tokenizer)
     assert len(data.train) == 2
-    assert [tokenizer.decode([t for t in example["labels"] if t != IGNORE_INDEX][:-1]) for example in data.train] == ["SELECT 1;", "SELECT 4;"]
+    assert [tokenizer.decode([t for t in example["labels"] if t != IGNORE_INDEX][:-1]) for example in data.train] == [
+        "SELECT 1;",
+        "SELECT 4;",
+    ]
     assert "dropping 4 of 6 rows" in caplog.text and "first: row 2: missing or empty field(s) output" in caplog.text
 
 
 def test_invalid_rows_drop_applies_to_the_eval_file_too(tmp_path, tokenizer):
     train = rows_file(tmp_path, [{"instruction": "a", "output": "b"}])
-    evaluation = rows_file(tmp_path, [{"instruction": "a", "output": ""}, {"instruction": "c", "output": "d"}], name="e.jsonl")
+    evaluation = rows_file(
+        tmp_path, [{"instruction": "a", "output": ""}, {"instruction": "c", "output": "d"}], name="e.jsonl"
+    )
     data = build_dataset(DataSection(path=str(train), eval_path=str(evaluation), invalid_rows="drop"), tokenizer)
     assert len(data.eval) == 1
     with pytest.raises(QloraError, match=r"e.jsonl: row 1: missing or empty"):
@@ -133,7 +152,9 @@ def test_invalid_rows_drop_applies_to_the_eval_file_too(tmp_path, tokenizer):
 
 def test_invalid_rows_drop_with_no_row_left_is_an_error(tmp_path, tokenizer):
     path = rows_file(tmp_path, [{"instruction": "a"}, {"input": "x", "output": "b"}])
-    with pytest.raises(QloraError, match=r"none of its 2 rows can train \(first: row 1: missing or empty field\(s\) output"):
+    with pytest.raises(
+        QloraError, match=r"none of its 2 rows can train \(first: row 1: missing or empty field\(s\) output"
+    ):
         build_dataset(DataSection(path=str(path), invalid_rows="drop"), tokenizer)
 
 
@@ -148,10 +169,16 @@ def test_eval_fraction_holds_out_a_seeded_random_sample(tmp_path, tokenizer):
     assert hold_out(rows, 0.25, seed=8)[1] != held_out
     # build_dataset holds out that sample for the seed it is given (train.seed), and for train.seed's default.
     section = DataSection(path=str(rows_file(tmp_path, rows)), eval_fraction=0.25)
-    expected = [tokenize_example(**render_example(row), tokenizer=tokenizer, max_length=section.max_length)["input_ids"] for row in held_out]
+    expected = [
+        tokenize_example(**render_example(row), tokenizer=tokenizer, max_length=section.max_length)["input_ids"]
+        for row in held_out
+    ]
     assert build_dataset(section, tokenizer, seed=7).eval["input_ids"] == expected
     default_seed = TrainSection.model_fields["seed"].default
-    assert build_dataset(section, tokenizer).eval["input_ids"] == build_dataset(section, tokenizer, seed=default_seed).eval["input_ids"]
+    assert (
+        build_dataset(section, tokenizer).eval["input_ids"]
+        == build_dataset(section, tokenizer, seed=default_seed).eval["input_ids"]
+    )
     assert build_dataset(section, tokenizer, seed=8).eval["input_ids"] != expected
 
 

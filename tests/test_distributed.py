@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, write_recipe
+
 from qlora_cli import checkpoints
 
 pytestmark = pytest.mark.pipeline
@@ -32,15 +32,35 @@ def test_two_cpu_processes_train_one_adapter_and_log_the_mean_loss(tmp_path, tin
     home = tmp_path / "adapters"
     single = write_recipe(tmp_path, "single", train=QUICK, data={"max_rows": 200, "eval_path": None})
     double = write_recipe(tmp_path, "double", train=QUICK, data={"max_rows": 200, "eval_path": None})
-    subprocess.run([sys.executable, "-m", "qlora_cli", "train", str(single), "--adapters-dir", str(home)], check=True, capture_output=True)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "cpu-2proc.yaml")]
-    result = subprocess.run([*launch, "-m", "qlora_cli", "train", str(double), "--adapters-dir", str(home)], capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, "-m", "qlora_cli", "train", str(single), "--adapters-dir", str(home)],
+        check=True,
+        capture_output=True,
+    )
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs" / "cpu-2proc.yaml"),
+    ]
+    result = subprocess.run(
+        [*launch, "-m", "qlora_cli", "train", str(double), "--adapters-dir", str(home)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     assert sorted(path.name for path in home.iterdir()) == ["double", "single"]  # one adapter, written once
     run_dir = tmp_path / "runs" / "double"
     written = sorted(path.name for path in run_dir.iterdir())
-    assert written == ["checkpoint-4", "loss.png", "metrics.json", "qlora.json", "recipe.yaml", "report.md", "tensorboard"]
+    assert written == [
+        "checkpoint-4",
+        "loss.png",
+        "metrics.json",
+        "qlora.json",
+        "recipe.yaml",
+        "report.md",
+        "tensorboard",
+    ]
     one, two = history(tmp_path / "runs" / "single"), history(run_dir)
     # Steps are split across ranks: each optimizer step sees twice the examples, so twice the epoch.
     # (Packed rows hold a varying number of examples, so not exactly twice.)
@@ -56,12 +76,27 @@ def test_fsdp_wraps_the_4bit_model_and_the_adapter_is_written_whole(tmp_path, ti
     failed ("Must flatten tensors with uniform dtype"), and rank 0 alone saving its shard wrote an empty adapter."""
     from safetensors.torch import load_file
 
-    recipe = write_recipe(tmp_path, "sharded", model={"compute_dtype": "bfloat16", "quant_storage": "bfloat16"}, data={"max_rows": 20, "eval_path": None})
+    recipe = write_recipe(
+        tmp_path,
+        "sharded",
+        model={"compute_dtype": "bfloat16", "quant_storage": "bfloat16"},
+        data={"max_rows": 20, "eval_path": None},
+    )
     adapters = tmp_path / "adapters"
     adapters.mkdir()
     env = {**os.environ, "ACCELERATE_USE_FSDP": "true", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               str(REPO / "tests" / "fsdp_worker.py"), str(recipe), str(adapters)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "fsdp_worker.py"),
+        str(recipe),
+        str(adapters),
+    ]
     # Its own session: torchrun signals its whole process group when it shuts down, pytest included.
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, start_new_session=True)
     assert result.returncode == 0, result.stderr[-3000:]

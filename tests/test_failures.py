@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import TINY, write_recipe
+
 from qlora_cli.cli import main
 
 
@@ -54,29 +54,55 @@ CASES = {
     "alpha not positive": (lambda d, r: edit(r, lora={"alpha": 0}), "lora.alpha"),
     "dropout out of range": (lambda d, r: edit(r, lora={"dropout": 1.0}), "lora.dropout"),
     "learning rate not positive": (lambda d, r: edit(r, train={"lr": -1.0e-4}), "train.lr"),
-    "targets match nothing": (lambda d, r: edit(r, lora={"target_modules": ["query"]}), "its linear layers are: down_proj"),
-    "contradictory quantization": (lambda d, r: edit(r, model={"load_in_4bit": False, "quant_type": "fp4"}), "quant_type only apply"),
+    "targets match nothing": (
+        lambda d, r: edit(r, lora={"target_modules": ["query"]}),
+        "its linear layers are: down_proj",
+    ),
+    "contradictory quantization": (
+        lambda d, r: edit(r, model={"load_in_4bit": False, "quant_type": "fp4"}),
+        "quant_type only apply",
+    ),
     "missing data file": (lambda d, r: edit(r, data={"path": str(d / "nope.jsonl")}), "data.path: file not found"),
     "empty data": (lambda d, r: edit(r, data={"path": data_file(d, "\n")}), "has no rows"),
     "row missing a field": (
-        lambda d, r: edit(r, data={"path": data_file(d, '{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')}),
+        lambda d, r: edit(
+            r, data={"path": data_file(d, '{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')}
+        ),
         "bad.jsonl: row 2: missing or empty field(s) output",
     ),
     "malformed jsonl line": (
         lambda d, r: edit(r, data={"path": data_file(d, '{"instruction": "a", "output": "b"}\n{"instruction": \n')}),
         "bad.jsonl: line 2: malformed JSON",
     ),
-    "non-utf8 bytes": (lambda d, r: edit(r, data={"path": data_file(d, b'{"instruction": "\xff", "output": "b"}\n')}), "at byte offset 17"),
+    "non-utf8 bytes": (
+        lambda d, r: edit(r, data={"path": data_file(d, b'{"instruction": "\xff", "output": "b"}\n')}),
+        "at byte offset 17",
+    ),
     "responses cut off": (
         lambda d, r: edit(r, data={"max_length": 8, "truncated": "fail"}),
         "have their whole response beyond 8 tokens",
     ),
-    "token in recipe": (lambda d, r: edit(r, model={"revision": "hf_" + "x" * 34}), "model.revision: looks like an access token"),
+    "token in recipe": (
+        lambda d, r: edit(r, model={"revision": "hf_" + "x" * 34}),
+        "model.revision: looks like an access token",
+    ),
     "remote code unpinned": (lambda d, r: edit(r, model={"trust_remote_code": True}), "needs a pinned revision"),
-    "needs cuda": (lambda d, r: edit(r, model={"device": "cuda"}), "try the CPU demo: qlora train recipes/tiny-sql.yaml"),
-    "pickle weights only": (lambda d, r: edit(r, model={"id": pickle_only_base(d)}), "found pickle weights pytorch_model.bin: refused"),
-    "output is the filesystem root": (lambda d, r: edit(r, train={"output_dir": "/"}), "refusing to write into the filesystem root"),
-    "output is the current directory": (lambda d, r: edit(r, train={"output_dir": "."}), "refusing to write into the current directory"),
+    "needs cuda": (
+        lambda d, r: edit(r, model={"device": "cuda"}),
+        "try the CPU demo: qlora train recipes/tiny-sql.yaml",
+    ),
+    "pickle weights only": (
+        lambda d, r: edit(r, model={"id": pickle_only_base(d)}),
+        "found pickle weights pytorch_model.bin: refused",
+    ),
+    "output is the filesystem root": (
+        lambda d, r: edit(r, train={"output_dir": "/"}),
+        "refusing to write into the filesystem root",
+    ),
+    "output is the current directory": (
+        lambda d, r: edit(r, train={"output_dir": "."}),
+        "refusing to write into the current directory",
+    ),
 }
 
 
@@ -101,7 +127,9 @@ def test_bad_training_input_fails_cleanly(case, tmp_path, tiny_base, capsys, mon
 def test_unknown_adapter_lists_the_available_ones(tmp_path, capsys, monkeypatch):
     (tmp_path / "adapters" / "sql").mkdir(parents=True)
     (tmp_path / "adapters" / "sql" / "adapter_config.json").write_text("{}")
-    code, err = run_cli(["generate", "-a", "sqll", "hi", "--adapters-dir", str(tmp_path / "adapters")], capsys, monkeypatch)
+    code, err = run_cli(
+        ["generate", "-a", "sqll", "hi", "--adapters-dir", str(tmp_path / "adapters")], capsys, monkeypatch
+    )
     assert code == 1 and "adapter 'sqll' not found" in err and "available: sql" in err
 
 
@@ -117,7 +145,9 @@ def test_force_never_replaces_a_folder_qlora_did_not_make(tmp_path, tiny_base, c
     mine.mkdir()
     (mine / "thesis.txt").write_text("irreplaceable")
     recipe = write_recipe(tmp_path, train={"output_dir": str(mine)})
-    code, err = run_cli(["train", str(recipe), "--force", "--adapters-dir", str(tmp_path / "adapters")], capsys, monkeypatch)
+    code, err = run_cli(
+        ["train", str(recipe), "--force", "--adapters-dir", str(tmp_path / "adapters")], capsys, monkeypatch
+    )
     assert code == 1 and "was not written by qlora" in err
     assert (mine / "thesis.txt").read_text() == "irreplaceable"
     assert json.loads(json.dumps(sorted(p.name for p in mine.iterdir()))) == ["thesis.txt"]
@@ -125,6 +155,8 @@ def test_force_never_replaces_a_folder_qlora_did_not_make(tmp_path, tiny_base, c
 
 def test_eval_names_a_missing_data_file_before_loading_anything(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, err = run_cli(["eval", "--data", "held-out.jsonl", "-a", "none", "--adapters-dir", str(tmp_path)], capsys, monkeypatch)
+    code, err = run_cli(
+        ["eval", "--data", "held-out.jsonl", "-a", "none", "--adapters-dir", str(tmp_path)], capsys, monkeypatch
+    )
     assert code == 1 and "--data: file not found: held-out.jsonl" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []

@@ -9,10 +9,10 @@ on CPU), the `gpu` test trains through it.
 
 import pytest
 import torch
+from conftest import write_recipe
 from torch.nn.attention.flex_attention import BlockMask, create_mask
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from conftest import write_recipe
 from qlora_cli import train
 from qlora_cli.data import build_dataset
 from qlora_cli.errors import QloraError
@@ -67,7 +67,9 @@ def packed_setup(request):
 
 def collate(tokenizer, examples, *, padding_free: bool) -> dict:
     batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=padding_free)(examples)
-    return {key: value for key, value in batch.items() if key in ("input_ids", "attention_mask", "position_ids", "labels")}
+    return {
+        key: value for key, value in batch.items() if key in ("input_ids", "attention_mask", "position_ids", "labels")
+    }
 
 
 def four_examples(data) -> list[dict]:
@@ -85,7 +87,9 @@ def test_packed_examples_do_not_attend_to_each_other(packed_setup, sdpa_setup):
     start = 0
     for index, logits in enumerate(alone):
         # Leaking attention moves logits by whole units; kernel-order noise stays far below 1e-2.
-        assert torch.allclose(together[start:start + len(logits)], logits, atol=1e-2), f"example {index} saw the ones before it"
+        assert torch.allclose(together[start : start + len(logits)], logits, atol=1e-2), (
+            f"example {index} saw the ones before it"
+        )
         start += len(logits)
     assert start == len(together)
 
@@ -106,7 +110,9 @@ def test_packed_rows_reach_attention_as_a_block_mask_with_no_dense_mask(flex_set
     tokens = packed["input_ids"].shape[1]
     received = []
     hooks = [
-        layer.self_attn.register_forward_pre_hook(lambda module, args, kwargs: received.append(kwargs["attention_mask"]), with_kwargs=True)
+        layer.self_attn.register_forward_pre_hook(
+            lambda module, args, kwargs: received.append(kwargs["attention_mask"]), with_kwargs=True
+        )
         for layer in model.model.layers
     ]
     try:
@@ -118,7 +124,9 @@ def test_packed_rows_reach_attention_as_a_block_mask_with_no_dense_mask(flex_set
     assert len(received) == len(model.model.layers)
     for mask in received:
         # Under sdpa this is a (1, 1, tokens, tokens) tensor; a BlockMask indexes blocks of 128 tokens.
-        assert isinstance(mask, BlockMask), f"attention got a {type(mask).__name__} of shape {getattr(mask, 'shape', None)}"
+        assert isinstance(mask, BlockMask), (
+            f"attention got a {type(mask).__name__} of shape {getattr(mask, 'shape', None)}"
+        )
         largest = max(item.numel() for item in mask.as_tuple() if isinstance(item, torch.Tensor))
         assert largest < tokens * tokens / 100
     # And it encodes what the dense mask did: each token sees the earlier tokens of its own example only.
@@ -136,7 +144,12 @@ def test_auto_attention_is_flex_for_packed_training_on_cuda_only(base):
     assert attention_implementation(auto, device=CUDA, packed=False) == "sdpa"
     assert attention_implementation(auto, device=CPU, packed=True) == "sdpa"
     for explicit in ("sdpa", "eager", "flash_attention_2"):
-        assert attention_implementation(auto.model_copy(update={"attn_implementation": explicit}), device=CUDA, packed=True) == explicit
+        assert (
+            attention_implementation(
+                auto.model_copy(update={"attn_implementation": explicit}), device=CUDA, packed=True
+            )
+            == explicit
+        )
     flex = auto.model_copy(update={"attn_implementation": "flex_attention"})
     assert attention_implementation(flex, device=CPU, packed=False) == "flex_attention"  # forward only: allowed
     with pytest.raises(QloraError, match="model.attn_implementation: flex_attention cannot train on cpu"):
@@ -148,7 +161,9 @@ def test_packing_and_response_only_loss_are_the_defaults(base):
     config = train.sft_config(recipe, use_cpu=True)
     assert config.packing and config.packing_strategy == "bfd" and recipe.train.packing
     assert config.dataset_kwargs == {"skip_prepare_dataset": False}
-    off = train.sft_config(recipe.model_copy(update={"train": recipe.train.model_copy(update={"packing": False})}), use_cpu=True)
+    off = train.sft_config(
+        recipe.model_copy(update={"train": recipe.train.model_copy(update={"packing": False})}), use_cpu=True
+    )
     assert not off.packing and off.dataset_kwargs == {"skip_prepare_dataset": True}
 
 
@@ -170,7 +185,9 @@ def test_packed_training_on_cuda_runs_flex_attention_through_lora_and_checkpoint
         loss.backward()
         grads = {name: param.grad for name, param in model.named_parameters() if param.requires_grad}
         assert grads and all(grad is not None and torch.isfinite(grad).all() for grad in grads.values())
-        assert any(grad.abs().sum() > 0 for name, grad in grads.items() if "lora_B" in name)  # B starts at zero, A's grads too
+        assert any(
+            grad.abs().sum() > 0 for name, grad in grads.items() if "lora_B" in name
+        )  # B starts at zero, A's grads too
         model.zero_grad()
         losses[padding_free] = loss.item()
     # bf16 keeps 8 significant bits: the padded and packed orders of summation differ by up to ~2^-8 per value.

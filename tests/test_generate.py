@@ -33,7 +33,10 @@ def stream_in_thread(session, row, adapter, sampling):
     return outcome
 
 
-@pytest.mark.parametrize("failure", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), RuntimeError("device-side assert")])
+@pytest.mark.parametrize(
+    "failure",
+    [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), RuntimeError("device-side assert")],
+)
 def test_an_error_inside_generation_surfaces_instead_of_hanging(base_session, failure):
     calls = []
 
@@ -59,4 +62,7 @@ def test_an_error_inside_generation_surfaces_instead_of_hanging(base_session, fa
 def test_streaming_still_yields_the_answer(base_session):
     outcome = stream_in_thread(base_session, {"instruction": "List all users."}, BASE, Sampling(max_new_tokens=8))
     assert "error" not in outcome
-    assert outcome["text"].strip() == base_session.ask([{"instruction": "List all users."}], BASE, Sampling(max_new_tokens=8))[0]
+    assert (
+        outcome["text"].strip()
+        == base_session.ask([{"instruction": "List all users."}], BASE, Sampling(max_new_tokens=8))[0]
+    )

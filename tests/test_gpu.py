@@ -8,7 +8,6 @@ generation stopping at EOS there, and a CUDA error inside the generation thread.
 
 import json
 import logging
-import os
 import signal
 import statistics
 import subprocess
@@ -18,12 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY, read_jsonl, write_recipe
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; scripts/gpu-check.sh runs this tier on one"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU; scripts/gpu-check.sh runs this tier on one"
+    ),
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +33,10 @@ STEPS = 80  # about one epoch of the tiny SQL set: the loss falls well and answe
 HALF = STEPS // 2
 KILL_AT = 60  # between the two checkpoints: the resumed run redoes steps 41-60
 TRAIN = {
-    "max_steps": STEPS, "save_steps": HALF, "logging_steps": 1, "optim": "paged_adamw_32bit",
+    "max_steps": STEPS,
+    "save_steps": HALF,
+    "logging_steps": 1,
+    "optim": "paged_adamw_32bit",
     "gradient_checkpointing": True,  # the peft + checkpointing path ('element 0 does not require grad') on CUDA
     "report_to": [],
 }
@@ -104,8 +107,12 @@ def test_tiny_recipe_trains_on_cuda_in_bf16_with_paged_adamw_and_the_loss_falls(
     assert metrics["eval_loss"] == metrics["eval_loss"] and metrics["eval_loss"] < first  # finite, and learned
 
     weights = load_file(straight.adapter / "adapter_model.safetensors")
-    assert weights and all(tensor.dtype == torch.float32 for tensor in weights.values())  # fp32 adapter under bf16 compute
-    assert all(tensor.abs().max() > 0 for key, tensor in weights.items() if "lora_B" in key), "every lora_B must leave zero"
+    assert weights and all(
+        tensor.dtype == torch.float32 for tensor in weights.values()
+    )  # fp32 adapter under bf16 compute
+    assert all(tensor.abs().max() > 0 for key, tensor in weights.items() if "lora_B" in key), (
+        "every lora_B must leave zero"
+    )
 
 
 # A `qlora train` that dies by SIGKILL once KILL_AT steps are done, as a preempted box would (fault injection in
@@ -136,7 +143,10 @@ def test_kill_9_then_resume_matches_the_straight_run_within_bf16_noise(straight,
     home, run_dir = tmp_path / "adapters", tmp_path / "runs" / "gpu-resumed"
     killed = subprocess.run(
         [sys.executable, "-c", KILLED_AT_STEP, str(recipe), str(home), str(KILL_AT)],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert checkpoints.latest_checkpoint(run_dir).name == f"checkpoint-{HALF}"
@@ -144,20 +154,28 @@ def test_kill_9_then_resume_matches_the_straight_run_within_bf16_noise(straight,
 
     resumed = subprocess.run(
         [sys.executable, "-m", "qlora_cli", "train", str(recipe), "--adapters-dir", str(home), "--resume"],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected, got = step_losses(straight.run_dir), step_losses(run_dir)
     assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
     relative = {step: abs(got[step] - expected[step]) / expected[step] for step in expected}
     worst = max(relative, key=relative.get)
-    record_property("resume", f"largest per-step loss difference {relative[worst]:.2e} of the loss (step {worst}); "
-                              f"after the resume {max(relative[step] for step in range(HALF + 1, STEPS + 1)):.2e}")
+    record_property(
+        "resume",
+        f"largest per-step loss difference {relative[worst]:.2e} of the loss (step {worst}); "
+        f"after the resume {max(relative[step] for step in range(HALF + 1, STEPS + 1)):.2e}",
+    )
     assert relative[worst] <= RESUME_TOLERANCE, f"step {worst}: {got[worst]} resumed against {expected[worst]} straight"
     assert (home / "gpu-resumed" / "adapter_model.safetensors").is_file()
 
 
-def test_merge_on_cuda_is_verified_and_answers_what_the_adapter_answers(straight, session, tmp_path, caplog, record_property):
+def test_merge_on_cuda_is_verified_and_answers_what_the_adapter_answers(
+    straight, session, tmp_path, caplog, record_property
+):
     from transformers import AutoModelForCausalLM
 
     from qlora_cli import merge
@@ -168,8 +186,12 @@ def test_merge_on_cuda_is_verified_and_answers_what_the_adapter_answers(straight
     assert summary["verified"] is True, summary
     assert summary["source"] == "nf4" and summary["dtype"] == "bfloat16"
     assert summary["relative_logit_diff"] <= merge.DEFAULT_TOLERANCE[torch.bfloat16]
-    placed = [record.getMessage() for record in caplog.records if "verifying the merged model on" in record.getMessage()]
-    assert placed and "cpu" not in placed[0] and "disk" not in placed[0], placed  # checked on the GPU, nothing offloaded
+    placed = [
+        record.getMessage() for record in caplog.records if "verifying the merged model on" in record.getMessage()
+    ]
+    assert placed and "cpu" not in placed[0] and "disk" not in placed[0], (
+        placed
+    )  # checked on the GPU, nothing offloaded
     record_property("merge", f"relative logit difference {summary['relative_logit_diff']:.3g} ({placed[0]})")
 
     # Independently: the merged model alone, plain transformers on the GPU, answers what 4-bit base + adapter answers.
@@ -195,7 +217,11 @@ def test_generation_stops_at_eos_on_cuda(session, record_property):
     assert model.device.type == "cuda"
     with session.using(name), torch.inference_mode():
         output = model.generate(
-            **batch, do_sample=False, max_new_tokens=limit, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+            **batch,
+            do_sample=False,
+            max_new_tokens=limit,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
     generated = output[:, batch["input_ids"].shape[1] :].tolist()
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -209,7 +235,9 @@ def test_generation_stops_at_eos_on_cuda(session, record_property):
     record_property("eos", f"every answer ended with EOS after {min(lengths)}-{max(lengths)} tokens (limit {limit})")
     # qlora's own path gives the same answers, cut at EOS.
     answers = session.ask(rows, name, Sampling(max_new_tokens=limit))
-    assert answers == [tokenizer.decode(tokens[: tokens.index(eos)], skip_special_tokens=True).strip() for tokens in generated]
+    assert answers == [
+        tokenizer.decode(tokens[: tokens.index(eos)], skip_special_tokens=True).strip() for tokens in generated
+    ]
 
 
 def fail_after_first_token(calls: list):
@@ -270,7 +298,11 @@ def test_an_injected_cuda_error_makes_qlora_generate_exit_1_with_one_line(straig
         return model
 
     monkeypatch.setattr(generate, "load_model", load_model_that_fails_at_the_second_token)
-    monkeypatch.setattr(sys, "argv", ["qlora", "generate", "-a", str(straight.adapter), SQL[0]["instruction"], "--input", SQL[0]["input"]])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["qlora", "generate", "-a", str(straight.adapter), SQL[0]["instruction"], "--input", SQL[0]["input"]],
+    )
     outcome = run_without_hanging(main)
     captured = capsys.readouterr()
     assert isinstance(outcome.get("error"), SystemExit) and outcome["error"].code == 1, (outcome, captured.err[-2000:])

@@ -22,12 +22,18 @@ STEPS = ["install", "doctor", "gpu-tests", "plan-memory", "benchmark", "report"]
 def run_script(name: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [BASH, str(REPO / "scripts" / name), *args],
-        capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHON": sys.executable, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env={**os.environ, "PYTHON": sys.executable, **(env or {})},
     )
 
 
 def no_gpu() -> bool:
-    return shutil.which("nvidia-smi") is None or subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode != 0
+    return (
+        shutil.which("nvidia-smi") is None or subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode != 0
+    )
 
 
 def test_dry_run_names_every_step_with_its_command_and_budget(tmp_path):
@@ -42,7 +48,10 @@ def test_dry_run_names_every_step_with_its_command_and_budget(tmp_path):
     assert commands["doctor"].endswith("-m qlora_cli doctor recipes/tiny-sql.yaml")
     assert "-m pytest -m gpu tests/test_gpu.py tests/test_fastpath.py" in commands["gpu-tests"]
     assert "-m qlora_cli.bench_plan measure --shape mistral7b" in commands["plan-memory"]
-    assert "-m qlora_cli.bench --shape mistral7b --steps 2 --json" in commands["benchmark"] and "--markdown" in commands["benchmark"]
+    assert (
+        "-m qlora_cli.bench --shape mistral7b --steps 2 --json" in commands["benchmark"]
+        and "--markdown" in commands["benchmark"]
+    )
     assert "-m qlora_cli.bench_plan report" in commands["report"] and str(tmp_path / "out") in commands["report"]
     assert "dry run ok" in out and "HF_HUB_OFFLINE=1" in out
     assert not (tmp_path / "out").exists()  # wrote nothing
@@ -54,7 +63,11 @@ def test_dry_run_says_which_wheels_are_missing(tmp_path):
     (wheels / "trl-1.16.0-py3-none-any.whl").write_bytes(b"")
     result = run_script("gpu-check.sh", "--dry-run", env={"QLORA_WHEELS": str(wheels)})
     assert result.returncode == 0, result.stderr
-    assert "bitsandbytes==" in result.stdout and "lacks" in result.stdout and "trl==" not in result.stdout.split("lacks")[1].split("\n")[0]
+    assert (
+        "bitsandbytes==" in result.stdout
+        and "lacks" in result.stdout
+        and "trl==" not in result.stdout.split("lacks")[1].split("\n")[0]
+    )
 
 
 def test_dry_run_without_python_cannot_start(tmp_path):
@@ -81,7 +94,13 @@ def test_usage_errors_exit_2(args):
 def test_help_documents_the_exit_codes():
     result = run_script("gpu-check.sh", "--help")
     assert result.returncode == 0
-    for code in ("0 every step passed", "1 a step failed", "2 usage", "3 cannot start", "4 every step passed but a target"):
+    for code in (
+        "0 every step passed",
+        "1 a step failed",
+        "2 usage",
+        "3 cannot start",
+        "4 every step passed but a target",
+    ):
         assert code in " ".join(result.stdout.split()), code
 
 
@@ -98,7 +117,10 @@ def test_wheels_dry_run_prints_the_one_download_command():
     result = run_script("gpu-wheels.sh", "--dry-run")
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip().splitlines()[-1]
-    assert line.startswith("+ ") and "-m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp" in line
+    assert (
+        line.startswith("+ ")
+        and "-m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp" in line
+    )
     assert "--platform manylinux_2_28_x86_64" in line and "--platform manylinux2014_x86_64" in line
     pins = run_script("gpu-wheels.sh", "--list").stdout.split()
     assert pins and all(pin in line.split() for pin in pins)
@@ -115,7 +137,9 @@ def test_wheel_pins_fall_in_the_package_ranges():
     dependencies = re.search(r"^dependencies = \[(.*?)^\]", pyproject, flags=re.MULTILINE | re.DOTALL).group(1)
     for requirement in map(Requirement, re.findall(r'"([^"]+)"', dependencies)):
         if requirement.name in pins:
-            assert Version(pins[requirement.name]) in requirement.specifier, f"{requirement.name}=={pins[requirement.name]} not in {requirement}"
+            assert Version(pins[requirement.name]) in requirement.specifier, (
+                f"{requirement.name}=={pins[requirement.name]} not in {requirement}"
+            )
 
 
 def test_gpu_tier_is_collected_and_skipped_without_cuda():
@@ -124,8 +148,22 @@ def test_gpu_tier_is_collected_and_skipped_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("CUDA is here: the gpu tier runs for real (scripts/gpu-check.sh)")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-m", "gpu", str(REPO / "tests" / "test_gpu.py"), "-q", "-p", "no:cacheprovider", "-rs"],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-m",
+            "gpu",
+            str(REPO / "tests" / "test_gpu.py"),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-rs",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = result.stdout.strip().splitlines()[-1]
@@ -141,7 +179,11 @@ def test_memory_configurations_validate_and_plan_predicts_each(tmp_path):
         assert (recipe.model.load_in_4bit, recipe.model.quant_type, recipe.model.double_quant) == (True, "nf4", True)
         assert recipe.model.compute_dtype == "bfloat16" and recipe.train.optim == "paged_adamw_32bit"
         assert recipe.lora.target_modules == "all-linear" and recipe.train.packing
-        assert (recipe.lora.r, recipe.train.batch_size, recipe.data.max_length) == (configuration.r, configuration.batch_size, configuration.max_length)
+        assert (recipe.lora.r, recipe.train.batch_size, recipe.data.max_length) == (
+            configuration.r,
+            configuration.batch_size,
+            configuration.max_length,
+        )
         assert recipe.train.gradient_checkpointing == configuration.gradient_checkpointing
         rows.append(bench_plan.predict(recipe))
     small, large, unchecked = rows
@@ -173,30 +215,58 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 
 
 def plan_row(name: str, predicted: int, measured: int) -> dict:
-    return bench_plan.compare({
-        "name": name, "predicted_bytes": predicted, "measured_bytes": measured, "tokens_per_step": [2048] * 3,
-        "tokens_per_micro_batch": 2048, "load_peak_bytes": measured // 2, "reserved_peak_bytes": measured + 2**30, "paged_optimizer_bytes": 2**28,
-    })
+    return bench_plan.compare(
+        {
+            "name": name,
+            "predicted_bytes": predicted,
+            "measured_bytes": measured,
+            "tokens_per_step": [2048] * 3,
+            "tokens_per_micro_batch": 2048,
+            "load_peak_bytes": measured // 2,
+            "reserved_peak_bytes": measured + 2**30,
+            "paged_optimizer_bytes": 2**28,
+        }
+    )
 
 
 def write_work(work: Path, *, plan_error: float, failing_step: bool) -> None:
     work.mkdir()
-    steps = [("install", "-", 0, 0, "(skipped: no wheels in .whl)"), ("doctor", 0, 9, 30, "python3 -m qlora_cli doctor recipes/tiny-sql.yaml"),
-             ("gpu-tests", 1 if failing_step else 0, 80, 120, "python3 -m pytest -m gpu tests/test_gpu.py"),
-             ("benchmark", 0, 200, 250, "python3 -m qlora_cli.bench --shape mistral7b")]
+    steps = [
+        ("install", "-", 0, 0, "(skipped: no wheels in .whl)"),
+        ("doctor", 0, 9, 30, "python3 -m qlora_cli doctor recipes/tiny-sql.yaml"),
+        ("gpu-tests", 1 if failing_step else 0, 80, 120, "python3 -m pytest -m gpu tests/test_gpu.py"),
+        ("benchmark", 0, 200, 250, "python3 -m qlora_cli.bench --shape mistral7b"),
+    ]
     (work / "steps.tsv").write_text("".join("\t".join(map(str, step)) + "\n" for step in steps))
     (work / "gpu-tests.log").write_text("collected 6 items\n...\nFAILED tests/test_gpu.py::test_resume\n")
     (work / "pytest.xml").write_text(JUNIT)
     measured = 10 * 2**30
-    plan = {"shape": "mistral7b", "steps": 3, "rows": [plan_row("r=16, 1 x 2048", int(measured * (1 + plan_error)), measured)]}
+    plan = {
+        "shape": "mistral7b",
+        "steps": 3,
+        "rows": [plan_row("r=16, 1 x 2048", int(measured * (1 + plan_error)), measured)],
+    }
     (work / "plan.json").write_text(json.dumps(plan))
     (work / "bench.json").write_text(json.dumps({"rows": [{"arm": "qlora", "tokens_per_second": 5000.0}]}))
-    (work / "bench.md").write_text("# Training benchmark\n\n| arm | tokens/s |\n|---|---:|\n| (c) qlora | 5,000 |\n\n## What ran\n\n```\n# not a heading\n```\n")
+    (work / "bench.md").write_text(
+        "# Training benchmark\n\n| arm | tokens/s |\n|---|---:|\n| (c) qlora | 5,000 |\n\n## What ran\n\n```\n# not a heading\n```\n"
+    )
 
 
 def test_report_gathers_the_steps_tests_memory_and_benchmark(tmp_path, capsys):
     write_work(tmp_path / "work", plan_error=0.04, failing_step=True)
-    code = bench_plan.main(["report", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--command", "bash scripts/gpu-check.sh", "--budget", "470"])
+    code = bench_plan.main(
+        [
+            "report",
+            str(tmp_path / "work"),
+            "--out",
+            str(tmp_path / "out"),
+            "--command",
+            "bash scripts/gpu-check.sh",
+            "--budget",
+            "470",
+        ]
+    )
     assert code == 4  # a step failed
     markdown = (tmp_path / "out" / "BENCHMARKS.md").read_text()
     record = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
@@ -237,10 +307,16 @@ def test_report_from_an_empty_work_folder_still_writes_both_files(tmp_path):
 
 def test_report_judges_a_gpu_benchmark_by_its_own_targets(tmp_path):
     write_work(tmp_path / "work", plan_error=0.02, failing_step=False)
-    rows = [{"arm": "tutorial", "speedup": 1.0, "memory_ratio": 1.0, "mfu": 0.2},
-            {"arm": "qlora", "speedup": 2.5, "memory_ratio": 0.5, "mfu": 0.3}]  # MFU under its 40% target
+    rows = [
+        {"arm": "tutorial", "speedup": 1.0, "memory_ratio": 1.0, "mfu": 0.2},
+        {"arm": "qlora", "speedup": 2.5, "memory_ratio": 0.5, "mfu": 0.3},
+    ]  # MFU under its 40% target
     (tmp_path / "work" / "bench.json").write_text(json.dumps({"device": "cuda", "rows": rows}))
     assert bench_plan.main(["report", str(tmp_path / "work"), "--out", str(tmp_path / "out")]) == 4
     targets = json.loads((tmp_path / "out" / "gpu-check.json").read_text())["targets"]
-    judged = {target["target"].split(":")[1].split(">=")[0].split("<=")[0].strip(): target["met"] for target in targets if target["target"].startswith("benchmark:")}
+    judged = {
+        target["target"].split(":")[1].split(">=")[0].split("<=")[0].strip(): target["met"]
+        for target in targets
+        if target["target"].startswith("benchmark:")
+    }
     assert judged == {"(c) real tokens/s": True, "(c) peak memory": True, "(c) MFU": False}

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 import qlora_cli  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+
+# isort: split
 import torch
 import yaml
 from peft import PeftModel
@@ -30,7 +32,10 @@ pytestmark = pytest.mark.pipeline
 TINY = dict(layers=4, hidden=64, intermediate=128, vocab=128, heads=4, kv_heads=2, shards=4)
 LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 LINEAR_WEIGHTS = [
-    f"model.layers.{layer}.{block}.{name}.weight" for layer in range(TINY["layers"]) for block, names in LINEARS.items() for name in names
+    f"model.layers.{layer}.{block}.{name}.weight"
+    for layer in range(TINY["layers"])
+    for block, names in LINEARS.items()
+    for name in names
 ]
 
 
@@ -40,7 +45,13 @@ def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("merge")
     model = build_base(root / "base", **TINY)
     build_adapter(model, root / "base", root / "adapter-fp32", name="adapter-fp32", compute_dtype="float32")
-    build_adapter(AutoModelForCausalLM.from_pretrained(root / "base"), root / "base", root / "adapter-bf16", name="adapter-bf16", seed=7)
+    build_adapter(
+        AutoModelForCausalLM.from_pretrained(root / "base"),
+        root / "base",
+        root / "adapter-bf16",
+        name="adapter-bf16",
+        seed=7,
+    )
     build_base(root / "other-base", **TINY, seed=1)
     return root
 
@@ -60,7 +71,9 @@ def merged_original(workspace) -> tuple[Path, dict]:
 def reference_logits(workspace: Path, *, in_4bit: bool, input_ids: torch.Tensor) -> torch.Tensor:
     """What `qlora generate` computes: the base (4-bit or not) with the adapter on top."""
     section = ModelSection(id=str(workspace / "base"), compute_dtype="float32", load_in_4bit=in_4bit)
-    model = PeftModel.from_pretrained(load_model(section, workspace / "base", device=torch.device("cpu")), str(workspace / "adapter-fp32"))
+    model = PeftModel.from_pretrained(
+        load_model(section, workspace / "base", device=torch.device("cpu")), str(workspace / "adapter-fp32")
+    )
     merge.use_exact_4bit_matmul(model)
     return merge.model_logits(model, [input_ids])[0]
 
@@ -79,7 +92,9 @@ def read_tensor(folder: Path, key: str) -> torch.Tensor:
         return handle.get_tensor(key)
 
 
-def test_nf4_merge_matches_the_4bit_base_with_adapter_and_the_original_merge_does_not(workspace, merged_nf4, merged_original):
+def test_nf4_merge_matches_the_4bit_base_with_adapter_and_the_original_merge_does_not(
+    workspace, merged_nf4, merged_original
+):
     input_ids = torch.randint(0, TINY["vocab"], (2, 24), generator=torch.Generator().manual_seed(0))
     expected = reference_logits(workspace, in_4bit=True, input_ids=input_ids)
     assert relative_difference(plain_logits(merged_nf4[0], input_ids), expected) < 1e-5
@@ -101,7 +116,12 @@ def test_nf4_round_trip_changes_exactly_the_quantized_weights(merged_nf4, merged
         assert nf4.shape == original.shape
         assert (nf4 - original).abs().max() > 1e-3, key
     # Never quantized at 4-bit load, so both merges keep them as published.
-    for key in ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"):
+    for key in (
+        "lm_head.weight",
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "model.layers.0.input_layernorm.weight",
+    ):
         assert torch.equal(read_tensor(merged_nf4[0], key), read_tensor(merged_original[0], key)), key
 
 
@@ -142,7 +162,9 @@ def test_merged_model_loads_with_plain_transformers_and_no_qlora_code(merged_nf4
         "assert model.dtype == torch.float32, model.dtype\n"
         "assert not [m for m in sys.modules if m.startswith(('qlora_cli', 'peft', 'bitsandbytes'))]\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -172,7 +194,13 @@ def test_a_different_base_is_refused_naming_both(workspace):
     message = str(refused.value)
     assert str(workspace / "base") in message and str(other) in message and "--allow-base-mismatch" in message
     assert not (workspace / "merged-other").exists()
-    merge.run(str(workspace / "adapter-fp32"), workspace / "merged-other", base=str(other), allow_base_mismatch=True, verify=False)
+    merge.run(
+        str(workspace / "adapter-fp32"),
+        workspace / "merged-other",
+        base=str(other),
+        allow_base_mismatch=True,
+        verify=False,
+    )
     assert json.loads((workspace / "merged-other" / "qlora.json").read_text())["base"]["id"] == str(other)
 
 
@@ -259,7 +287,9 @@ def test_lora_plan_follows_peft_scaling_and_rejects_strangers():
     with pytest.raises(QloraError, match="which the base does not have"):
         merge.plan_lora_updates(weights, config, {"model.layers.0.self_attn.q_proj.weight"}, "x")
     with pytest.raises(QloraError, match="not a LoRA factor"):
-        merge.plan_lora_updates({**weights, "base_model.model.lm_head.modules_to_save.weight": torch.zeros(1)}, config, base_keys, "x")
+        merge.plan_lora_updates(
+            {**weights, "base_model.model.lm_head.modules_to_save.weight": torch.zeros(1)}, config, base_keys, "x"
+        )
     with pytest.raises(QloraError, match="DoRA"):
         merge.check_supported({"peft_type": "LORA", "use_dora": True}, "x")
 
@@ -267,7 +297,9 @@ def test_lora_plan_follows_peft_scaling_and_rejects_strangers():
 def test_benchmark_smoke_run_prints_both_rows_and_writes_json(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "qlora_cli.bench_merge", "--small", "--json", str(tmp_path / "bench.json")],
-        capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "streaming" in result.stdout and "merge_and_unload" in result.stdout

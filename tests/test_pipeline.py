@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import write_recipe
 from safetensors.torch import load_file
 from trl import SFTTrainer
 
-from conftest import write_recipe
 from qlora_cli import train
 from qlora_cli.data import IGNORE_INDEX, build_dataset
 from qlora_cli.errors import QloraError
@@ -20,7 +20,9 @@ pytestmark = pytest.mark.pipeline
 
 
 def test_training_moves_only_lora_weights_and_lora_b_leaves_zero(tmp_path, tiny_base):
-    recipe = load_recipe(write_recipe(tmp_path, train={"max_steps": 3, "lr": 1.0e-2}, data={"max_rows": 64, "eval_path": None}))
+    recipe = load_recipe(
+        write_recipe(tmp_path, train={"max_steps": 3, "lr": 1.0e-2}, data={"max_rows": 64, "eval_path": None})
+    )
     model_dir = resolve_model_dir(recipe.model)
     tokenizer = load_tokenizer(model_dir, recipe.model)
     model = load_model(recipe.model, model_dir, device=check_device(recipe.model))
@@ -29,7 +31,9 @@ def test_training_moves_only_lora_weights_and_lora_b_leaves_zero(tmp_path, tiny_
     model = attach_lora(model, recipe.lora, gradient_checkpointing=True)
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
     data = build_dataset(recipe.data, tokenizer)
-    trainer = SFTTrainer(model=model, args=train.sft_config(recipe, use_cpu=True), train_dataset=data.train, processing_class=tokenizer)
+    trainer = SFTTrainer(
+        model=model, args=train.sft_config(recipe, use_cpu=True), train_dataset=data.train, processing_class=tokenizer
+    )
     trainer.train()
     changed = {name for name, param in model.named_parameters() if not torch.equal(param.detach(), before[name])}
     assert changed and all("lora_" in name for name in changed)

@@ -19,8 +19,14 @@ from qlora_cli.recipe import load_recipe
 REPO = Path(__file__).resolve().parent.parent
 MISTRAL_RECIPE = REPO / "recipes" / "mistral7b-alpaca.yaml"
 MISTRAL_7B = {
-    "model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000, "tie_word_embeddings": False,
+    "model_type": "mistral",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+    "tie_word_embeddings": False,
 }
 LLAMA_3_8B = {**MISTRAL_7B, "model_type": "llama", "vocab_size": 128256}
 
@@ -36,8 +42,13 @@ def activations(estimate: plan.Estimate) -> int:
 def test_parameter_counts_match_the_published_sizes():
     mistral = plan.count_parameters(MISTRAL_7B)
     assert mistral["linear_per_layer"] == {
-        "q_proj": 4096 * 4096, "k_proj": 4096 * 1024, "v_proj": 4096 * 1024, "o_proj": 4096 * 4096,
-        "gate_proj": 4096 * 14336, "up_proj": 4096 * 14336, "down_proj": 14336 * 4096,
+        "q_proj": 4096 * 4096,
+        "k_proj": 4096 * 1024,
+        "v_proj": 4096 * 1024,
+        "o_proj": 4096 * 4096,
+        "gate_proj": 4096 * 14336,
+        "up_proj": 4096 * 14336,
+        "down_proj": 14336 * 4096,
     }
     assert mistral["embeddings"] == mistral["lm_head"] == 32000 * 4096
     assert mistral["norms"] == 32 * 2 * 4096 + 4096
@@ -182,7 +193,12 @@ def test_run_reads_a_local_config_and_renders(tmp_path):
 def test_local_folder_without_config_is_a_user_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(QloraError, match="no config.json"):
-        plan.run(load_recipe(write_recipe(tmp_path, "empty")), gpu_memory_gb=None, tokens_per_second=None, dataset_tokens=None)
+        plan.run(
+            load_recipe(write_recipe(tmp_path, "empty")),
+            gpu_memory_gb=None,
+            tokens_per_second=None,
+            dataset_tokens=None,
+        )
 
 
 def test_offline_hub_id_says_how_to_point_at_a_local_config(tmp_path):
@@ -194,7 +210,9 @@ def test_offline_hub_id_says_how_to_point_at_a_local_config(tmp_path):
         "except QloraError as error:\n    print(error)\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "offline mode is on" in done.stdout and "local folder" in done.stdout and "hf download" in done.stdout
 

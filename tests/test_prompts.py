@@ -27,4 +27,3 @@ def test_reverse_task_learns_the_instruction_from_the_response():
     example = render_example(row, task="reverse")
     assert example["prompt"] == render_prompt(REVERSE_INSTRUCTION, "Hi!")
     assert example["completion"] == "Say hi."
-

@@ -56,7 +56,9 @@ def test_defaults_come_from_the_recipe_name(tmp_path):
 
 
 def test_unknown_keys_get_did_you_mean_and_all_errors_at_once(tmp_path):
-    message = error_of(tmp_path, minimal(tmp_path, lora={"rank": 8, "dropout": 1.5}, train={"learning_rate": 1.0, "epochz": 2}))
+    message = error_of(
+        tmp_path, minimal(tmp_path, lora={"rank": 8, "dropout": 1.5}, train={"learning_rate": 1.0, "epochz": 2})
+    )
     assert "4 problem(s)" in message
     assert "lora.rank: unknown key; did you mean 'r'?" in message
     assert "train.learning_rate: unknown key; did you mean 'lr'?" in message
@@ -122,7 +124,9 @@ def test_overrides_are_typed_and_checked(tmp_path):
 
 
 def test_translators_carry_every_field(tmp_path):
-    recipe = load_recipe(write(tmp_path, yaml.safe_dump(minimal(tmp_path, lora={"r": 8, "alpha": 16, "target_modules": ["q_proj"]}))))
+    recipe = load_recipe(
+        write(tmp_path, yaml.safe_dump(minimal(tmp_path, lora={"r": 8, "alpha": 16, "target_modules": ["q_proj"]})))
+    )
     quant = bnb_config(recipe.model)
     assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_use_double_quant
     assert str(quant.bnb_4bit_compute_dtype) == "torch.bfloat16"

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_recipe
 from safetensors.torch import load_file
 
-from conftest import write_recipe
 from qlora_cli import checkpoints, train
 from qlora_cli.errors import QloraError
 from qlora_cli.recipe import load_recipe
@@ -68,28 +68,44 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_base):
     print(f"resume equivalence: largest per-step loss difference {worst:.2e}")
     assert worst <= RESUME_TOLERANCE
     assert all(expected[step] == got[step] for step in range(1, STEPS // 2 + 1))  # the first half is the same run
-    a, b = load_file(home / "straight" / "adapter_model.safetensors"), load_file(home / "resumed" / "adapter_model.safetensors")
+    a, b = (
+        load_file(home / "straight" / "adapter_model.safetensors"),
+        load_file(home / "resumed" / "adapter_model.safetensors"),
+    )
     assert a.keys() == b.keys() and all(a[key].dtype == torch.float32 and torch.equal(a[key], b[key]) for key in a)
 
 
 def test_resume_refuses_a_changed_recipe_unless_forced(tmp_path, tiny_base):
     home = tmp_path / "adapters"
-    recipe = write_recipe(tmp_path, "changed", train={**QUICK, "max_steps": 2, "save_steps": 1}, data={"max_rows": 40, "eval_path": None})
+    recipe = write_recipe(
+        tmp_path, "changed", train={**QUICK, "max_steps": 2, "save_steps": 1}, data={"max_rows": 40, "eval_path": None}
+    )
     subprocess.run(train_command(recipe, home), check=True, capture_output=True)
     # As if it had been interrupted after its checkpoints: no metrics, no adapter yet.
     (tmp_path / "runs" / "changed" / "metrics.json").unlink()
     shutil.rmtree(home / "changed")
-    changed = subprocess.run(train_command(recipe, home, "--resume", "--set", "train.lr=1.0e-3", "--set", "train.batch_size=4"), capture_output=True, text=True)
+    changed = subprocess.run(
+        train_command(recipe, home, "--resume", "--set", "train.lr=1.0e-3", "--set", "train.batch_size=4"),
+        capture_output=True,
+        text=True,
+    )
     assert changed.returncode == 1
     assert "train.lr: 0.002 -> 0.001" in changed.stderr and "train.batch_size: 16 -> 4" in changed.stderr
-    forced = subprocess.run(train_command(recipe, home, "--resume", "--force", "--set", "train.max_steps=3"), capture_output=True, text=True)
+    forced = subprocess.run(
+        train_command(recipe, home, "--resume", "--force", "--set", "train.max_steps=3"), capture_output=True, text=True
+    )
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert json.loads((tmp_path / "runs" / "changed" / "metrics.json").read_text())["steps"] == 3
 
 
 def test_sigterm_saves_at_the_step_boundary_and_exits_143(tmp_path, tiny_base):
     home = tmp_path / "adapters"
-    recipe = write_recipe(tmp_path, "spot", train={**QUICK, "max_steps": 200, "save_steps": 1000}, data={"max_rows": 400, "eval_path": None})
+    recipe = write_recipe(
+        tmp_path,
+        "spot",
+        train={**QUICK, "max_steps": 200, "save_steps": 1000},
+        data={"max_rows": 400, "eval_path": None},
+    )
     process = subprocess.Popen(train_command(recipe, home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_dir = tmp_path / "runs" / "spot"
     # The first logged step: the trainer, and the signal handler installed around it, are running.
@@ -106,7 +122,11 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_143(tmp_path, tiny_base):
 
 
 def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_exports_nothing(tmp_path, tiny_base):
-    recipe = load_recipe(write_recipe(tmp_path, "nan", train={**QUICK, "lr": 1.0e30, "save_steps": 1, "warmup_ratio": 0.0}, data={"max_rows": 80}))
+    recipe = load_recipe(
+        write_recipe(
+            tmp_path, "nan", train={**QUICK, "lr": 1.0e30, "save_steps": 1, "warmup_ratio": 0.0}, data={"max_rows": 80}
+        )
+    )
     with pytest.raises(QloraError, match=r"loss became (nan|inf) at step \d+") as caught:
         train.run(recipe, adapters_dir=str(tmp_path / "adapters"))
     assert "last good checkpoint" in str(caught.value)
@@ -119,7 +139,11 @@ def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_exports_nothing(tmp_p
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, tiny_base, monkeypatch):
     import transformers.trainer
 
-    recipe = load_recipe(write_recipe(tmp_path, "full", train={**QUICK, "max_steps": 4, "save_steps": 2}, data={"max_rows": 80, "eval_path": None}))
+    recipe = load_recipe(
+        write_recipe(
+            tmp_path, "full", train={**QUICK, "max_steps": 4, "save_steps": 2}, data={"max_rows": 80, "eval_path": None}
+        )
+    )
     real_save, calls = torch.save, []
 
     def save_until_the_disk_fills(obj, path, *args, **kwargs):
@@ -147,7 +171,10 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_complete_one(tmp_p
     (tmp_path / "checkpoint-6" / "adapter_model.safetensors").write_bytes(b"x" * 10)  # torn write
     (tmp_path / "checkpoint-8").mkdir()  # a save that never finished: no manifest
     assert checkpoints.latest_checkpoint(tmp_path).name == "checkpoint-4"
-    assert "checkpoint-8: no manifest" in caplog.text and "checkpoint-6: adapter_model.safetensors has 10 bytes" in caplog.text
+    assert (
+        "checkpoint-8: no manifest" in caplog.text
+        and "checkpoint-6: adapter_model.safetensors has 10 bytes" in caplog.text
+    )
 
 
 def test_old_checkpoints_are_pruned_only_after_a_newer_one_is_complete(tmp_path):
@@ -162,7 +189,9 @@ def test_old_checkpoints_are_pruned_only_after_a_newer_one_is_complete(tmp_path)
 def test_a_planted_token_never_reaches_any_file(tmp_path, tiny_base, monkeypatch):
     token = "hf_" + "PlantedTokenForTheLeakTest" + "x" * 10
     monkeypatch.setenv("HF_TOKEN", token)
-    recipe = load_recipe(write_recipe(tmp_path, "leak", train={**QUICK, "max_steps": 2, "save_steps": 1}, data={"max_rows": 32}))
+    recipe = load_recipe(
+        write_recipe(tmp_path, "leak", train={**QUICK, "max_steps": 2, "save_steps": 1}, data={"max_rows": 32})
+    )
     train.run(recipe, adapters_dir=str(tmp_path / "adapters"))
     written = [path for path in tmp_path.rglob("*") if path.is_file()]
     assert len(written) > 10

@@ -21,7 +21,11 @@ BASH = shutil.which("bash") or "/bin/bash"
 def run_script(name: str, *args: str, env: dict | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(
         [BASH, str(REPO / "scripts" / name), *args],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
     )
 
 
@@ -146,8 +150,16 @@ def calls(tmp_path: Path) -> list[list[str]]:
 def test_train_resilient_dry_run_shows_command_and_policy(tmp_path: Path):
     env = fake_qlora(tmp_path, {"*": "exit 0"})
     result = run_script(
-        "train-resilient.sh", "--dry-run", "--max-retries", "3", "--backoff", "10",
-        "recipes/tiny-sql.yaml", "--set", "lora.r=4", env=env,
+        "train-resilient.sh",
+        "--dry-run",
+        "--max-retries",
+        "3",
+        "--backoff",
+        "10",
+        "recipes/tiny-sql.yaml",
+        "--set",
+        "lora.r=4",
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     assert "qlora train recipes/tiny-sql.yaml --set lora.r=4" in result.stdout
@@ -230,7 +242,11 @@ def test_train_resilient_stops_on_sigterm_without_retrying(tmp_path: Path):
     env = fake_qlora(tmp_path, {"*": "exit 143"})
     process = subprocess.Popen(
         [BASH, str(REPO / "scripts" / "train-resilient.sh"), "--backoff", "60", "r.yaml"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env}, cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+        cwd=REPO,
     )
     deadline = time.monotonic() + 10
     while not calls(tmp_path) and time.monotonic() < deadline:
@@ -249,13 +265,18 @@ def test_train_resilient_ctrl_c_lets_qlora_save_and_report(tmp_path: Path):
     # The save takes a moment (0.3 s) so that the wrapper must wait for it; "ready" says the trap is set.
     ready = tmp_path / "state" / "ready"
     saving = (
-        "trap 'kill \"$blocker\"; echo saving >&2; sleep 0.3; echo \"error: stopped by SIGINT at step 3\" >&2; exit 130' INT TERM; "
+        'trap \'kill "$blocker"; echo saving >&2; sleep 0.3; echo "error: stopped by SIGINT at step 3" >&2; exit 130\' INT TERM; '
         f"tail -f /dev/null >/dev/null 2>&1 & blocker=$!; touch {ready}; wait"
     )
     env = fake_qlora(tmp_path, {"*": saving})
     process = subprocess.Popen(
-        [BASH, str(REPO / "scripts" / "train-resilient.sh"), "--backoff", "0", "r.yaml"], start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env}, cwd=REPO,
+        [BASH, str(REPO / "scripts" / "train-resilient.sh"), "--backoff", "0", "r.yaml"],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+        cwd=REPO,
     )
     deadline = time.monotonic() + 10
     while not ready.exists() and time.monotonic() < deadline:
@@ -358,7 +379,14 @@ def test_sync_without_rsync_fails_clearly(tmp_path: Path):
 
 def test_expected_configs_exist():
     names = {config.name for config in CONFIGS}
-    assert {"single-gpu.yaml", "ddp.yaml", "fsdp-qlora.yaml", "deepspeed-zero3-qlora.yaml", "multi-node.yaml", "cpu-2proc.yaml"} <= names
+    assert {
+        "single-gpu.yaml",
+        "ddp.yaml",
+        "fsdp-qlora.yaml",
+        "deepspeed-zero3-qlora.yaml",
+        "multi-node.yaml",
+        "cpu-2proc.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.name)
@@ -370,7 +398,7 @@ def test_config_loads_with_accelerate_and_names_its_command(config: Path):
     first = config.read_text().splitlines()[0]
     prefix = f"# accelerate launch --config_file configs/{config.name} -m qlora_cli train "
     assert first.startswith(prefix), first
-    recipe = first[len(prefix):].split()[0]
+    recipe = first[len(prefix) :].split()[0]
     assert (REPO / recipe).is_file(), f"{config.name} runs a recipe that does not exist: {recipe}"
 
 
@@ -448,9 +476,20 @@ def test_cpu_2proc_config_really_starts_two_gloo_processes(tmp_path: Path):
     (tmp_path / "probe.py").write_text(PROBE)
     accelerate = Path(sys.executable).parent / "accelerate"
     result = subprocess.run(
-        [str(accelerate), "launch", "--config_file", str(REPO / "configs/cpu-2proc.yaml"), "--main_process_port", str(port),
-         str(tmp_path / "probe.py")],
-        capture_output=True, text=True, timeout=180, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            str(accelerate),
+            "launch",
+            "--config_file",
+            str(REPO / "configs/cpu-2proc.yaml"),
+            "--main_process_port",
+            str(port),
+            str(tmp_path / "probe.py"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
     ranks = sorted(path.read_text() for path in tmp_path.glob("rank*.txt"))

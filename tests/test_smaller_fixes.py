@@ -3,7 +3,6 @@ fp16 overflow steps, and Mistral's second copy of the weights in hub downloads."
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import save_file
 

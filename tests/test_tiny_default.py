@@ -7,13 +7,15 @@ when asked: QLORA_FULL_DEMO=1 bash scripts/test.sh tests/test_tiny_default.py -s
 import os
 
 import pytest
-
 from conftest import REPO, TINY, read_jsonl
+
 from qlora_cli.generate import BASE, exact_match, open_session
 
 pytestmark = [
     pytest.mark.pipeline,
-    pytest.mark.skipif(not os.environ.get("QLORA_FULL_DEMO"), reason="full tiny-default training; set QLORA_FULL_DEMO=1"),
+    pytest.mark.skipif(
+        not os.environ.get("QLORA_FULL_DEMO"), reason="full tiny-default training; set QLORA_FULL_DEMO=1"
+    ),
 ]
 
 

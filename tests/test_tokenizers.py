@@ -9,21 +9,28 @@ import json
 
 import pytest
 from datasets import Dataset
+from real_tokenizers import mistral_common_file
 from trl import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from qlora_cli.data import IGNORE_INDEX, build_dataset, tokenize_example
 from qlora_cli.prompts import render_example
 from qlora_cli.recipe import DataSection
-from real_tokenizers import mistral_common_file, real_tokenizer, real_tokenizer_root, sentencepiece_tokenizer  # noqa: F401
 
 ROWS = [
-    {"instruction": "How many heads are in the department?", "input": "CREATE TABLE head (age INTEGER)", "output": "SELECT count(*) FROM head WHERE age > 56"},
+    {
+        "instruction": "How many heads are in the department?",
+        "input": "CREATE TABLE head (age INTEGER)",
+        "output": "SELECT count(*) FROM head WHERE age > 56",
+    },
     {"instruction": "List the names of the singers.", "output": "SELECT name FROM singer ORDER BY name;"},
-    {"instruction": "Give three tips for staying healthy.", "output": "1. Eat a balanced diet.\n2. Exercise regularly.\n3. Sleep well."},
+    {
+        "instruction": "Give three tips for staying healthy.",
+        "output": "1. Eat a balanced diet.\n2. Exercise regularly.\n3. Sleep well.",
+    },
     {"instruction": "Translate to French: coffee", "output": "café ☕ — très bon"},
     {"instruction": "Reply in Chinese.", "output": "你好，世界"},
-    {"instruction": "Answer with a quote.", "output": " \"Leading space,\" and  two  spaces."},
+    {"instruction": "Answer with a quote.", "output": ' "Leading space," and  two  spaces.'},
     {"instruction": "Answer on the next line.", "output": "\nSELECT 1;"},  # a byte-level BPE merges ':\n' + '\n'
 ]
 
@@ -184,7 +191,9 @@ def test_truncation_keeps_max_length_tokens_and_their_labels(real_tokenizer, tmp
     max_length = len(prompt_ids_as_generate_sees_them(tokenizer, examples([long_row])[0]["prompt"]))
     data = build_dataset(DataSection(path=str(path), max_length=max_length), tokenizer)
     assert (len(data.train), data.dropped) == (1, 1)
-    assert learned(data.train[0]) == learned(tokenize_example(**examples([short_row])[0], tokenizer=tokenizer, max_length=max_length))
+    assert learned(data.train[0]) == learned(
+        tokenize_example(**examples([short_row])[0], tokenizer=tokenizer, max_length=max_length)
+    )
 
 
 def test_packing_keeps_labels_aligned(real_tokenizer):
@@ -200,7 +209,9 @@ def test_packing_keeps_labels_aligned(real_tokenizer):
         assert len(row["input_ids"]) == len(row["labels"]) == sum(row["seq_lengths"])
         start = 0
         for length in row["seq_lengths"]:
-            found.append({"input_ids": row["input_ids"][start : start + length], "labels": row["labels"][start : start + length]})
+            found.append(
+                {"input_ids": row["input_ids"][start : start + length], "labels": row["labels"][start : start + length]}
+            )
             start += length
     assert sorted(map(str, found)) == sorted(map(str, singles))
     batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(list(packed))

@@ -50,21 +50,25 @@ SEED = 0
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(IMPLIED_SPACE), behavior="removed"),
-        pre_tokenizers.Split(Regex(TOKEN_PATTERN), behavior="isolated"),
-    ])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(IMPLIED_SPACE), behavior="removed"),
+            pre_tokenizers.Split(Regex(TOKEN_PATTERN), behavior="isolated"),
+        ]
+    )
 
 
 def _decoder() -> decoders.Decoder:
     # Mark every token boundary, join, then turn the boundaries between two words back into the
     # space the pre-tokenizer removed; every other boundary joins with nothing.
-    return decoders.Sequence([
-        decoders.Replace(Regex("$"), "\x01"),
-        decoders.Fuse(),
-        decoders.Replace(Regex(r"(?<=\w)\x01(?=\w)"), " "),
-        decoders.Replace("\x01", ""),
-    ])
+    return decoders.Sequence(
+        [
+            decoders.Replace(Regex("$"), "\x01"),
+            decoders.Fuse(),
+            decoders.Replace(Regex(r"(?<=\w)\x01(?=\w)"), " "),
+            decoders.Replace("\x01", ""),
+        ]
+    )
 
 
 def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
@@ -128,8 +132,8 @@ def copier_init(model: MistralForCausalLM) -> None:
             scale = 1.0 / (config.hidden_size * config.initializer_range**2)
             for head in range(config.num_attention_heads):
                 kv = head // per_kv
-                block = value[kv * head_dim:(kv + 1) * head_dim]
-                attn.o_proj.weight[:, head * head_dim:(head + 1) * head_dim] = scale * block.T
+                block = value[kv * head_dim : (kv + 1) * head_dim]
+                attn.o_proj.weight[:, head * head_dim : (head + 1) * head_dim] = scale * block.T
 
 
 def previous_token_init(model: MistralForCausalLM, sharpness: float = 9.0) -> None:
@@ -214,7 +218,10 @@ def pretrain(
         step += 1
         loss_value = loss.item()
         if step % log_every == 0:
-            print(f"step {step:4d}  loss {loss_value:.3f}  lr {lr * scale:.2e}  {time.perf_counter() - start:6.1f}s", flush=True)
+            print(
+                f"step {step:4d}  loss {loss_value:.3f}  lr {lr * scale:.2e}  {time.perf_counter() - start:6.1f}s",
+                flush=True,
+            )
     wall = time.perf_counter() - start
     print(f"pretraining done: {step} steps, final loss {loss_value:.3f}, wall time {wall:.1f}s", flush=True)
     return {"steps": step, "loss": loss_value, "wall_s": wall, "tokens": step * batch_size * MAX_LEN}
@@ -254,7 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--texts", type=int, default=20000, help="texts to generate per pretraining stage")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads; use 1 on a busy machine")
     parser.add_argument("--synonym-steps", type=int, default=400, help="step limit of the last stage (synonyms)")
-    parser.add_argument("--start-from", metavar="DIR", help="a base this script saved: run only the synonym stage on it")
+    parser.add_argument(
+        "--start-from", metavar="DIR", help="a base this script saved: run only the synonym stage on it"
+    )
     args = parser.parse_args(argv)
 
     torch.manual_seed(SEED)
@@ -292,7 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     texts = world.pretraining_texts(args.texts, seed=SEED + 2, synonyms=True)
     known = [text for text, ids in zip(texts, tokenizer(texts)["input_ids"]) if tokenizer.unk_token_id not in ids]
     print(f"synonym stage: {len(known)} of {len(texts)} texts have no unknown words")
-    stats = pretrain(model, [_packed_blocks(tokenizer, known)], args.minutes, args.synonym_steps, lr=1e-3, warmup_steps=20)
+    stats = pretrain(
+        model, [_packed_blocks(tokenizer, known)], args.minutes, args.synonym_steps, lr=1e-3, warmup_steps=20
+    )
     done.append({"name": "the same with synonyms", "threads": args.threads, **stats})
 
     # Saved untied, like Mistral: each matrix gets its own copy of the shared weights.

@@ -93,7 +93,6 @@ TARGET_TABLES: Tables = {
 }
 
 
-
 def _made_up_words(n: int, seed: int) -> list[str]:
     """`n` pronounceable nonsense words ("talo", "vemiru"): pretraining SQL and JSON use these, so
     the base cannot memorise its tables and values and must learn to copy them from the prompt."""
@@ -169,8 +168,12 @@ SYNONYM_PHRASINGS = {
     "group_count": ["count {t} for each {w}"],
     "distinct": ["distinct {w} in {t}"],
 }
-SYNONYM_AGGS = {"AVG": ["mean", "average"], "MAX": ["maximum", "highest"], "MIN": ["minimum", "lowest"],
-                "SUM": ["sum", "total"]}
+SYNONYM_AGGS = {
+    "AVG": ["mean", "average"],
+    "MAX": ["maximum", "highest"],
+    "MIN": ["minimum", "lowest"],
+    "SUM": ["sum", "total"],
+}
 
 # json task: order sentences -> {"item", "qty", "color"?, "city"}; every value is copied verbatim.
 ORDER_INSTRUCTIONS = ["Extract the order as JSON.", "Turn the order into JSON."]
@@ -182,8 +185,28 @@ ORDER_TEMPLATES = [
     "{city} wants {qty} {goods}.",
     "Order {qty} {goods} for the {city} store.",
 ]
-ORDER_ITEMS = ["lamps", "chairs", "desks", "mugs", "pens", "bottles", "boxes", "plates", "towels", "candles",
-               "pillows", "clocks", "baskets", "jars", "brushes", "hats", "gloves", "scarves", "bags", "rugs"]
+ORDER_ITEMS = [
+    "lamps",
+    "chairs",
+    "desks",
+    "mugs",
+    "pens",
+    "bottles",
+    "boxes",
+    "plates",
+    "towels",
+    "candles",
+    "pillows",
+    "clocks",
+    "baskets",
+    "jars",
+    "brushes",
+    "hats",
+    "gloves",
+    "scarves",
+    "bags",
+    "rugs",
+]
 ORDER_COLORS = ["red", "blue", "green", "black", "white", "yellow", "orange", "purple", "grey", "pink"]
 ORDER_CITIES = _CITIES + ["Warsaw", "Zurich", "Helsinki", "Tokyo", "Lima", "Cairo", "Denver", "Austin", "Boston"]
 ORDER_QTYS = list(range(1, 61))
@@ -199,8 +222,12 @@ ECHO_PREFIX = "Repeat after me:"
 
 SPLITS = ("train", "test")
 # Rows written by `write_datasets`: (task, split) -> (rows, seed).
-DATASET_SIZES = {("sql", "train"): (1500, 1), ("sql", "test"): (100, 2),
-                 ("json", "train"): (1500, 3), ("json", "test"): (100, 4)}
+DATASET_SIZES = {
+    ("sql", "train"): (1500, 1),
+    ("sql", "test"): (100, 2),
+    ("json", "train"): (1500, 3),
+    ("json", "test"): (100, 4),
+}
 TEST_SHARE = 8  # one question in TEST_SHARE belongs to the test split
 
 
@@ -238,7 +265,11 @@ def _sql_example(rng: random.Random, tables: Tables, phrasings: dict, aggs: dict
     n = rng.choice(num_cols)
     fn = rng.choice(sorted(aggs))
     slots = {
-        "t": t, "w": w, "n": n, "fn": fn, "agg": _one_of(rng, aggs[fn]),
+        "t": t,
+        "w": w,
+        "n": n,
+        "fn": fn,
+        "agg": _one_of(rng, aggs[fn]),
         "v": rng.choice(columns[w]),
         "x": rng.choice(columns[n]),
         # The selected column must differ from the one the question filters or sorts on.
@@ -346,9 +377,11 @@ def _record_drill(rng: random.Random, framed: bool) -> str:
 def _made_up_table(rng: random.Random) -> Tables:
     name, *columns = rng.sample(MADE_UP_WORDS, rng.randint(5, 6))
     numeric = set(rng.sample(columns, rng.randint(1, 2)))
-    return {name: {
-        c: sorted(rng.sample(range(1, 1000), 6)) if c in numeric else rng.sample(MADE_UP_WORDS, 6) for c in columns
-    }}
+    return {
+        name: {
+            c: sorted(rng.sample(range(1, 1000), 6)) if c in numeric else rng.sample(MADE_UP_WORDS, 6) for c in columns
+        }
+    }
 
 
 def _sql_request(rng: random.Random, synonyms: bool = False) -> str:

@@ -5,6 +5,9 @@ every file and its size (last, after fsync) and rename the folder into `RUN/chec
 checkpoint without a manifest that matches its files is never picked, so a save cut off by a crash,
 a kill -9 or a full disk cannot be mistaken for the latest one. Old checkpoints are pruned only
 after a newer one is complete.
+
+The run folder itself is read back through one record, RunFolder: its marker, the recipe it was
+started with, whether it finished, and its newest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from qlora_cli.errors import QloraError
+from qlora_cli.errors import ExitCode, QloraError
+from qlora_cli.files import MARKER
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +32,103 @@ STAGING = ".staging"
 NAME = re.compile(r"^checkpoint-(\d+)$")
 # Keys that may change between an interrupted run and its resume without changing what is trained.
 RESUMABLE_CHANGES = {"train.logging_steps", "train.save_steps", "train.save_limit"}
+RECIPE = "recipe.yaml"  # the resolved recipe a run was started with
+METRICS = "metrics.json"  # written once training is done, just before the adapter is exported
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Every file of a sealed checkpoint and its size in bytes. Written last, after the files are
+    synced, so a checkpoint whose manifest matches its files is complete."""
+
+    files: dict[str, int]
+
+    @classmethod
+    def measure(cls, folder: Path) -> Manifest:
+        return cls(
+            {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.rglob("*")) if path.is_file()}
+        )
+
+    @classmethod
+    def load(cls, checkpoint: Path) -> Manifest:
+        """Raises FileNotFoundError when the save never finished, ValueError when the manifest is damaged."""
+        manifest = checkpoint / MANIFEST
+        if not manifest.is_file():
+            raise FileNotFoundError(manifest)
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"unreadable manifest: {error}") from None
+        if not isinstance(files, dict) or not all(isinstance(size, int) for size in files.values()):
+            raise ValueError("unreadable manifest: files must map names to sizes")
+        return cls(files)
+
+    def write(self, checkpoint: Path) -> None:
+        manifest = checkpoint / MANIFEST
+        manifest.write_text(json.dumps({"files": self.files}, indent=1) + "\n")
+        _fsync(manifest)
+
+    def mismatch(self, checkpoint: Path) -> str | None:
+        """The first file that is missing or has another size than recorded, or None when all match."""
+        for name, size in self.files.items():
+            path = checkpoint / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size} bytes, expected {size}"
+        return None
+
+
+@dataclass(frozen=True)
+class RunMarker:
+    """The marker (files.MARKER) that says qlora started this run folder, for which adapter; `--force`
+    replaces only folders that carry a marker."""
+
+    adapter: str
+    kind: ClassVar[str] = "run"
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunMarker | None:
+        """None when the folder carries no marker, a damaged one, or another output's (an adapter's)."""
+        try:
+            record = json.loads((run_dir / MARKER).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("kind") != cls.kind or not isinstance(record.get("adapter"), str):
+            return None
+        return cls(adapter=record["adapter"])
+
+    def write(self, run_dir: Path) -> None:
+        (run_dir / MARKER).write_text(json.dumps({"kind": self.kind, "adapter": self.adapter}) + "\n")
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """What `train.output_dir` holds, read once, before any work: whether to refuse, resume or start."""
+
+    path: Path
+    exists: bool
+    marker: RunMarker | None
+    recipe_yaml: str | None  # the recipe the run was started with; None: not a run qlora can resume
+    finished: bool  # training completed (metrics written); only the export may be missing
+    latest: Path | None  # the newest complete checkpoint
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunFolder:
+        recipe = run_dir / RECIPE
+        return cls(
+            path=run_dir,
+            exists=run_dir.exists(),
+            marker=RunMarker.load(run_dir),
+            recipe_yaml=recipe.read_text() if recipe.is_file() else None,
+            finished=(run_dir / METRICS).is_file(),
+            latest=latest_checkpoint(run_dir),
+        )
+
+    @property
+    def interrupted(self) -> bool:
+        """A run that stopped early (killed, preempted, crashed) with a checkpoint to continue from."""
+        return self.latest is not None and not self.finished
 
 
 def staging_dir(run_dir: Path) -> Path:
@@ -34,12 +137,10 @@ def staging_dir(run_dir: Path) -> Path:
 
 def commit(staged: Path, run_dir: Path, *, keep: int) -> Path:
     """Seal a fully written checkpoint and make it visible in one rename, then prune older ones."""
-    files = {str(path.relative_to(staged)): path.stat().st_size for path in sorted(staged.rglob("*")) if path.is_file()}
-    for name in files:
+    manifest = Manifest.measure(staged)
+    for name in manifest.files:
         _fsync(staged / name)
-    manifest = staged / MANIFEST
-    manifest.write_text(json.dumps({"files": files}, indent=1) + "\n")
-    _fsync(manifest)
+    manifest.write(staged)
     final = run_dir / staged.name
     if final.exists():  # an uncommitted twin from an earlier crash at the same step: ours, replace it
         shutil.rmtree(final)
@@ -68,20 +169,13 @@ def all_checkpoints(run_dir: Path) -> list[Path]:
 
 def problem(checkpoint: Path) -> str | None:
     """Why a checkpoint cannot be trusted, or None when its manifest matches its files."""
-    manifest = checkpoint / MANIFEST
-    if not manifest.is_file():
-        return "no manifest (the save never finished)"
     try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError):
+        manifest = Manifest.load(checkpoint)
+    except FileNotFoundError:
+        return "no manifest (the save never finished)"
+    except ValueError:
         return "unreadable manifest"
-    for name, size in files.items():
-        path = checkpoint / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, expected {size}"
-    return None
+    return manifest.mismatch(checkpoint)
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -113,22 +207,25 @@ def recipe_changes(saved_yaml: str, current: dict) -> list[str]:
     return changes
 
 
-def check_resumable(run_dir: Path, current: dict, *, force: bool) -> Path:
+def check_resumable(run: RunFolder, current: dict, *, force: bool) -> Path:
     """The checkpoint to resume from; refuses a changed recipe unless forced."""
-    saved = run_dir / "recipe.yaml"
-    if not saved.is_file():
-        raise QloraError(f"--resume: {run_dir} holds no qlora run to resume (no recipe.yaml); train without --resume")
-    changes = recipe_changes(saved.read_text(), current)
+    if run.recipe_yaml is None:
+        raise QloraError(
+            f"--resume: {run.path} holds no qlora run to resume (no {RECIPE}); train without --resume",
+            exit_code=ExitCode.NOTHING_TO_RESUME,
+        )
+    changes = recipe_changes(run.recipe_yaml, current)
     if changes and not force:
         raise QloraError(
-            f"--resume: the recipe differs from the one {run_dir} was started with:\n  "
+            f"--resume: the recipe differs from the one {run.path} was started with:\n  "
             + "\n  ".join(changes)
             + "\nrestore those values, or pass --force to resume with the new ones"
         )
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise QloraError(f"--resume: no complete checkpoint in {run_dir}; start over with --force")
-    return checkpoint
+    if run.latest is None:
+        raise QloraError(
+            f"--resume: no complete checkpoint in {run.path}; start over with --force", exit_code=ExitCode.NO_CHECKPOINT
+        )
+    return run.latest
 
 
 def _fsync(path: Path) -> None:

@@ -21,8 +21,8 @@ from trl import SFTConfig, SFTTrainer
 
 from qlora_cli import adapters, checkpoints
 from qlora_cli.data import IGNORE_INDEX, TrainingData, build_dataset
-from qlora_cli.errors import QloraError
-from qlora_cli.files import MARKER, atomic_directory, check_new_output, refuse_dangerous_output
+from qlora_cli.errors import ExitCode, QloraError
+from qlora_cli.files import atomic_directory, check_new_output, refuse_dangerous_output
 from qlora_cli.lora import attach_lora, check_target_modules, human_count, lora_config
 from qlora_cli.model import (
     base_model_record,
@@ -85,14 +85,6 @@ def sft_config(recipe: Recipe, *, use_cpu: bool) -> SFTConfig:
     )
 
 
-class Stopped(QloraError):
-    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; the CLI exits 128 + signal."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
 class StopOnSignal(TrainerCallback):
     """Spot machines send SIGTERM 30 s to 2 min before they vanish: finish the step, save, stop."""
 
@@ -145,11 +137,13 @@ class CheckpointingTrainer(SFTTrainer):
     """SFTTrainer with atomic checkpoints and a loss that must stay finite.
 
     Overriding two methods is the narrowest hook: a callback runs only after a checkpoint is already
-    written in place, and never sees the per-step loss.
+    written in place, and never sees the per-step loss. `save_limit` is how many complete checkpoints
+    to keep (train.save_limit): the trainer's own save_total_limit would prune before a save is sealed.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, save_limit: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.save_limit = save_limit
         # SFTTrainer has just cast a 4-bit model's adapter weights to bf16. In bf16 an Adam update below
         # 1/256 of a weight rounds away, so late, small-LR steps are lost and a checkpoint no longer holds
         # the exact state (a resumed run drifts from the uninterrupted one). Back to fp32, before the
@@ -170,7 +164,7 @@ class CheckpointingTrainer(SFTTrainer):
             super()._save_checkpoint(model, trial)
             self.accelerator.wait_for_everyone()  # other ranks write their RNG states into the same folder
             if self.args.should_save:
-                checkpoints.commit(staged, run_dir, keep=self.qlora_save_limit)
+                checkpoints.commit(staged, run_dir, keep=self.save_limit)
         except OSError as error:
             shutil.rmtree(staged, ignore_errors=True)
             previous = checkpoints.latest_checkpoint(run_dir)
@@ -188,7 +182,9 @@ class CheckpointingTrainer(SFTTrainer):
             last = checkpoints.latest_checkpoint(Path(self.args.output_dir))
             kept = f"last good checkpoint: {last}" if last else "no checkpoint was saved yet"
             raise QloraError(
-                f"loss became {loss.item()} at step {step}; stopped without exporting an adapter ({kept}). Lower train.lr or check the data"
+                f"loss became {loss.item()} at step {step}; stopped without exporting an adapter ({kept}). "
+                "Lower train.lr or check the data",
+                exit_code=ExitCode.DIVERGED,
             )
         return loss
 
@@ -238,9 +234,9 @@ def run(
         eval_dataset=data.eval,
         processing_class=tokenizer,
         callbacks=[stopper, RichProgress()],
+        save_limit=recipe.train.save_limit,
     )
     trainer.remove_callback(PrinterCallback)  # raw metric dicts; RichProgress prints readable lines
-    trainer.qlora_save_limit = recipe.train.save_limit
     if resume_from is not None:
         log.info("resuming from %s", resume_from)
     previous_handlers = {signum: signal.signal(signum, stopper.handle) for signum in (signal.SIGTERM, signal.SIGINT)}
@@ -251,10 +247,10 @@ def run(
             signal.signal(signum, handler)
     if stopper.signum is not None:
         saved = checkpoints.latest_checkpoint(run_dir)
-        raise Stopped(
+        raise QloraError(
             f"stopped by {signal.Signals(stopper.signum).name} at step {trainer.state.global_step}; checkpoint {saved}. "
             f"Continue with: qlora train <recipe> --resume",
-            stopper.signum,
+            exit_code=ExitCode(128 + stopper.signum),  # the shell's convention for a signal: 130 SIGINT, 143 SIGTERM
         )
     metrics = {
         "train_loss": round(result.training_loss, 4),
@@ -270,13 +266,14 @@ def run(
         metrics["eval_loss"] = round(trainer.evaluate()["eval_loss"], 4)
     if not all(math.isfinite(value) for value in (metrics["train_loss"], metrics.get("eval_loss", 0.0))):
         raise QloraError(
-            f"training diverged (loss {metrics['train_loss']}); no adapter written. Lower train.lr and retry"
+            f"training diverged (loss {metrics['train_loss']}); no adapter written. Lower train.lr and retry",
+            exit_code=ExitCode.DIVERGED,
         )
     adapter_state = gathered_adapter_state(trainer.model_wrapped)  # every rank takes part in the gather
     if not ranks.is_main_process:
         return None
     checkpoints.discard_staging(run_dir)  # other ranks' late writes into the last checkpoint's staging folder
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (run_dir / checkpoints.METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
     try:
         export_adapter(
             trainer.accelerator.unwrap_model(trainer.model),
@@ -313,14 +310,19 @@ def check_sharding(recipe: Recipe) -> None:
 
 def _check_run_dir(run_dir: Path, recipe: Recipe, *, force: bool, resume: bool) -> Path | None:
     """Before any work: the checkpoint to resume from, or None for a fresh run (refusing to clobber one)."""
+    run = checkpoints.RunFolder.load(run_dir)
     if resume:
-        return checkpoints.check_resumable(run_dir, recipe.model_dump(mode="json"), force=force)
-    if run_dir.exists() and not force:
-        last = checkpoints.latest_checkpoint(run_dir)
-        if last is not None and not (run_dir / "metrics.json").exists():
+        return checkpoints.check_resumable(run, recipe.model_dump(mode="json"), force=force)
+    if run.exists and not force:
+        if run.interrupted:
             raise QloraError(
-                f"train.output_dir: {run_dir} holds an interrupted run (last complete checkpoint: {last.name}); "
-                "continue it with --resume, or start over with --force"
+                f"train.output_dir: {run_dir} holds an interrupted run (last complete checkpoint: {run.latest.name}); "
+                "continue it with --resume, or start over with --force",
+                exit_code=ExitCode.RUN_INTERRUPTED,
+            )
+        if run.marker is not None:  # finished, or stopped before its first checkpoint
+            raise QloraError(
+                f"train.output_dir: {run_dir} already exists; pass --force to replace it", exit_code=ExitCode.RUN_EXISTS
             )
     check_new_output(run_dir, "train.output_dir", force=force)
     return None
@@ -391,8 +393,8 @@ def _start_run_dir(run_dir: Path, recipe: Recipe, *, force: bool) -> None:
     if run_dir.exists() and force:
         shutil.rmtree(run_dir)  # check_new_output allowed this only because qlora made it
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / MARKER).write_text(json.dumps({"kind": "run", "adapter": recipe.lora.name}) + "\n")
-    (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    checkpoints.RunMarker(adapter=recipe.lora.name).write(run_dir)
+    (run_dir / checkpoints.RECIPE).write_text(recipe.to_yaml())
 
 
 def show_dry_run(recipe: Recipe, skeleton, tokenizer, data: TrainingData) -> None:

@@ -8,18 +8,22 @@
 #   --max-backoff SECONDS   cap on that wait (default 600)
 #   --dry-run               print the first command and the retry policy, run nothing
 #   -h, --help              this text
-# What happens on each exit of `qlora train`:
-#   0                         done: exit 0.
-#   1 with an "error: ..."    a problem with the recipe, data or folders: not retried, exit 1. Three of
-#     line and no traceback   them only say which mode to run in, and are followed at once (no wait):
-#                             "holds an interrupted run" or "train.output_dir: ... already exists" -> --resume;
-#                             "--resume: ... holds no qlora run" -> start fresh;
-#                             "--resume: no complete checkpoint" -> start fresh with --force (safe: qlora
-#                             refuses an existing adapter before it looks at the run folder, so none exists,
-#                             and the run folder it replaces has no complete checkpoint to lose).
-#   2                         qlora's command-line parser refused an option: not retried, exit 2.
-#   130, 143 (checkpoint saved), 137 (killed), a traceback, any other code:
-#                             wait, then run again with --resume; give up after --max-retries with that code.
+# What happens on each exit code of `qlora train` (ExitCode in qlora_cli/errors.py; the script never
+# reads qlora's messages, which are for people and may change):
+#   0    done: exit 0.
+#   1    a problem with the recipe, data or folders (e.g. the adapter exists): not retried, exit 1.
+#   2    qlora's command-line parser refused an option: not retried, exit 2.
+#   14   the loss diverged: not retried (it would again), exit 14.
+#   Four codes only say which mode to run in, and are followed at once (no wait, no retry used):
+#   10   the run folder holds an interrupted run -> --resume;
+#   11   the run folder holds a run with nothing to continue -> --resume (exports a finished run's adapter);
+#   12   --resume, but the run folder holds no qlora run -> start fresh;
+#   13   --resume, but no complete checkpoint -> start fresh with --force (safe: qlora refuses an existing
+#        adapter before it looks at the run folder, so none exists, and the run folder it replaces has no
+#        complete checkpoint to lose).
+#        After two switches in a row, or a code that does not fit the mode (10 with --resume), exit with it.
+#   130, 143 (checkpoint saved), 137 (killed), 70 (a crash, traceback shown), any other code:
+#        wait, then run again with --resume; give up after --max-retries with that code.
 # SIGINT/SIGTERM to this script stop qlora (it saves a checkpoint) and exit 130/143 without retrying;
 # running the same command again continues the run. This script's own usage errors exit 2; no qlora, 127.
 # Environment: QLORA_VENV (use $QLORA_VENV/bin/qlora); else qlora on PATH; else .venv/bin/qlora of the repo.
@@ -30,6 +34,15 @@ die() { echo "train-resilient.sh: $*" >&2; exit 2; }
 log() { printf '[%s] train-resilient: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >&2; }
 # A whole number of retries or seconds for option $1, given as $2 (missing when the command line ended).
 count() { if [[ "${2:-}" =~ ^[0-9]+$ ]]; then echo "$2"; else die "$1 needs a whole number, got '${2:-}'"; fi; }
+
+# qlora's exit codes (ExitCode in qlora_cli/errors.py; tests/test_scripts.py checks that they agree).
+EXIT_USER_ERROR=1
+EXIT_USAGE=2
+EXIT_RUN_INTERRUPTED=10
+EXIT_RUN_EXISTS=11
+EXIT_NOTHING_TO_RESUME=12
+EXIT_NO_CHECKPOINT=13
+EXIT_DIVERGED=14
 
 max_retries=5
 backoff=30
@@ -78,15 +91,14 @@ if [ "$dry_run" = 1 ]; then
   printf '+'; printf ' %q' "${cmd[@]}"; echo
   echo "retry policy: on exit 130/137/143 or a crash, run again with --resume, up to $max_retries times,"
   echo "  waiting ${backoff}s before the first retry, doubling, at most ${max_backoff}s;"
-  echo "  exit 0 stops; a one-line 'error: ...' from qlora (exit 1) is not retried."
+  echo "  exit 0 stops; a problem to fix (exit 1), a refused command line (2) or a diverged loss (14) is not retried;"
+  echo "  exits 10-13 switch between --resume, a fresh start and --force at once (see --help)."
   exit 0
 fi
 [ -x "$qlora" ] || { echo "train-resilient.sh: no qlora at $qlora; run scripts/setup.sh or set QLORA_VENV" >&2; exit 127; }
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/train-resilient.XXXXXX")
 child=
 stop_signal=
-trap 'rm -rf "$work"' EXIT
 # Forward as SIGTERM: qlora saves a checkpoint on it, and a background child ignores SIGINT until it trains.
 on_signal() {
   stop_signal=$1
@@ -96,14 +108,10 @@ exit_for_signal() { if [ "$stop_signal" = INT ]; then exit 130; else exit 143; f
 trap 'on_signal INT' INT
 trap 'on_signal TERM' TERM
 
-# Runs cmd; sets rc, and leaves qlora's stderr (also shown live) in $work/stderr.
+# Runs cmd and sets rc. Waits for qlora to exit, also after a signal, while it saves its checkpoint.
 run_attempt() {
-  # tee ignores INT/TERM: Ctrl-C or a shutdown signals the whole group, and qlora still has to report its save.
-  exec 3> >(trap '' INT TERM; exec tee "$work/stderr" >&2)
-  local tee_pid=$!
-  "${cmd[@]}" 2>&3 3>&- &
+  "${cmd[@]}" &
   child=$!
-  exec 3>&-
   rc=0
   while :; do
     if wait "$child"; then rc=0; else rc=$?; fi
@@ -111,19 +119,6 @@ run_attempt() {
     kill -0 "$child" 2>/dev/null || break
   done
   child=
-  # tee ends when the last holder of qlora's stderr exits; a stray grandchild may keep it open, so wait 5 s at most.
-  local tries=0
-  while kill -0 "$tee_pid" 2>/dev/null && [ "$tries" -lt 50 ]; do sleep 0.1; tries=$((tries + 1)); done
-}
-
-# The last "error: " line of qlora's stderr when it comes after any traceback (a user error), else nothing.
-user_error() {
-  local clean last_error last_traceback
-  clean=$(tail -n 200 "$work/stderr" | sed 's/\x1b\[[0-9;]*m//g')
-  last_error=$(grep -n '^error: ' <<<"$clean" | tail -n 1 || true)
-  [ -n "$last_error" ] || return 0
-  last_traceback=$(grep -n 'Traceback (most recent call last)' <<<"$clean" | tail -n 1 | cut -d: -f1 || true)
-  if [ "${last_error%%:*}" -gt "${last_traceback:-0}" ]; then echo "${last_error#*:}"; fi
 }
 
 attempt=0
@@ -144,24 +139,26 @@ while :; do
     log "qlora train succeeded (attempt $attempt)"
     exit 0
   fi
-  if [ "$rc" = 2 ]; then
-    log "qlora rejected the command line (exit 2, see its usage message above): not retried"
-    exit 2
-  fi
-  message=
-  if [ "$rc" = 1 ]; then message=$(user_error); fi
-  if [ -n "$message" ]; then
-    next=
-    if [ "$resume" = 0 ] && [[ "$message" == *"holds an interrupted run"* || "$message" == "error: train.output_dir: "*" already exists; pass --force"* ]]; then
-      next=resume
-    elif [ "$resume" = 1 ] && [[ "$message" == "error: --resume: "*"holds no qlora run to resume"* ]]; then
-      next=fresh
-    elif [ "$resume" = 1 ] && [[ "$message" == "error: --resume: no complete checkpoint in "* ]]; then
-      next=fresh-force
-    fi
+  next=
+  case "$rc" in
+    "$EXIT_USER_ERROR")
+      log "qlora reported a problem to fix (exit $rc, see its message above): not retried"
+      exit "$rc" ;;
+    "$EXIT_USAGE")
+      log "qlora rejected the command line (exit $rc, see its usage message above): not retried"
+      exit "$rc" ;;
+    "$EXIT_DIVERGED")
+      log "qlora stopped a diverging run (exit $rc, see its message above): not retried"
+      exit "$rc" ;;
+    "$EXIT_RUN_INTERRUPTED" | "$EXIT_RUN_EXISTS") if [ "$resume" = 0 ]; then next=resume; fi ;;
+    "$EXIT_NOTHING_TO_RESUME") if [ "$resume" = 1 ]; then next=fresh; fi ;;
+    "$EXIT_NO_CHECKPOINT") if [ "$resume" = 1 ]; then next=fresh-force; fi ;;
+    *) next=retry ;;
+  esac
+  if [ "$next" != retry ]; then
     if [ -z "$next" ] || [ "$hops" -ge 2 ]; then
-      log "qlora reported a problem to fix (not retried): ${message#error: }"
-      exit 1
+      log "qlora exited $rc, which asks for a mode already tried (see its message above): not retried"
+      exit "$rc"
     fi
     hops=$((hops + 1))
     case "$next" in
@@ -169,7 +166,7 @@ while :; do
       fresh) resume=0 ;;
       fresh-force) resume=0; force_once=1 ;;
     esac
-    log "qlora says: ${message#error: }; switching to: $next"
+    log "qlora exited $rc: switching to: $next"
     continue
   fi
   hops=0
@@ -178,9 +175,12 @@ while :; do
     exit "$rc"
   fi
   retries=$((retries + 1))
-  log "qlora train failed with exit $rc (preempted, killed or crashed); retrying with --resume in ${wait_s}s"
   sleep "$wait_s" &
   child=$!
+  # A signal that came before the sleep had a pid to forward to still ends the wait.
+  if [ -n "$stop_signal" ]; then kill -TERM "$child" 2>/dev/null || true; fi
+  # Logged once the wait can be interrupted: tests signal this script when they read this line.
+  log "qlora train failed with exit $rc (preempted, killed or crashed); retrying with --resume in ${wait_s}s"
   wait "$child" || true
   child=
   if [ -n "$stop_signal" ]; then

@@ -3,6 +3,8 @@ really retries (with a fake `qlora` first on PATH), sync really leaves unfinishe
 accelerate config loads with accelerate's own parser. Fast, no network, no GPU."""
 
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -11,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from qlora_cli.errors import ExitCode
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((REPO / "scripts").glob("*.sh"))
@@ -117,6 +121,7 @@ def test_setup_cuda_keeps_a_cuda_torch(tmp_path: Path):
 
 
 # --- train-resilient.sh ------------------------------------------------------------------------------
+# The wrapper branches on qlora's exit codes only (ExitCode); the fake qlora exits with them.
 
 FAKE_QLORA = """#!/usr/bin/env bash
 # Records its arguments, then behaves as the scenario says for this call number.
@@ -147,6 +152,32 @@ def calls(tmp_path: Path) -> list[list[str]]:
     return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def exits(code: int, message: str = "") -> str:
+    """A fake qlora call that prints `message` as qlora would (red "error: " line) and exits `code`."""
+    return (f"echo {shlex.quote('error: ' + message)} >&2; " if message else "") + f"exit {int(code)}"
+
+
+def train_resilient(tmp_path: Path, cases: dict, *args: str) -> subprocess.CompletedProcess:
+    return run_script("train-resilient.sh", "--backoff", "0", *args, env=fake_qlora(tmp_path, cases))
+
+
+def script_exit_codes() -> dict[str, int]:
+    text = (REPO / "scripts" / "train-resilient.sh").read_text()
+    return {name: int(value) for name, value in re.findall(r"^EXIT_([A-Z_]+)=(\d+)$", text, flags=re.MULTILINE)}
+
+
+def test_train_resilient_knows_qlora_exit_codes_by_their_values():
+    known = script_exit_codes()
+    assert {"USER_ERROR", "USAGE", "RUN_INTERRUPTED", "RUN_EXISTS", "NOTHING_TO_RESUME", "NO_CHECKPOINT"} <= set(known)
+    assert known == {name: ExitCode[name].value for name in known}
+
+
+def test_train_resilient_help_says_what_each_exit_code_does():
+    usage = run_script("train-resilient.sh", "--help").stdout
+    for code in ExitCode:
+        assert re.search(rf"\b{code.value}\b", usage), f"--help does not say what exit {code.value} ({code.name}) does"
+
+
 def test_train_resilient_dry_run_shows_command_and_policy(tmp_path: Path):
     env = fake_qlora(tmp_path, {"*": "exit 0"})
     result = run_script(
@@ -168,8 +199,8 @@ def test_train_resilient_dry_run_shows_command_and_policy(tmp_path: Path):
 
 
 def test_train_resilient_retries_a_preemption_with_resume(tmp_path: Path):
-    env = fake_qlora(tmp_path, {1: "echo 'stopped by SIGTERM at step 3' >&2; exit 143", 2: "exit 0"})
-    result = run_script("train-resilient.sh", "--backoff", "0", "recipes/tiny-sql.yaml", "--set", "lora.r=4", env=env)
+    stopped = "echo 'error: stopped by SIGTERM at step 3' >&2; exit 143"
+    result = train_resilient(tmp_path, {1: stopped, 2: "exit 0"}, "recipes/tiny-sql.yaml", "--set", "lora.r=4")
     assert result.returncode == 0, result.stderr
     assert calls(tmp_path) == [
         ["train", "recipes/tiny-sql.yaml", "--set", "lora.r=4"],
@@ -179,63 +210,92 @@ def test_train_resilient_retries_a_preemption_with_resume(tmp_path: Path):
     assert "T" in result.stderr.split("]")[0]  # timestamped log lines: [2025-01-01T00:00:00Z]
 
 
-def test_train_resilient_does_not_retry_a_user_error(tmp_path: Path):
-    env = fake_qlora(tmp_path, {"*": "echo 'INFO loading' >&2; echo 'error: lora.r: must be at least 1' >&2; exit 1"})
-    result = run_script("train-resilient.sh", "--backoff", "0", "recipes/tiny-sql.yaml", env=env)
-    assert result.returncode == 1
-    assert len(calls(tmp_path)) == 1
-    assert "lora.r: must be at least 1" in result.stderr and "not retried" in result.stderr
-
-
-def test_train_resilient_does_not_retry_a_bad_option(tmp_path: Path):
-    env = fake_qlora(tmp_path, {"*": "echo 'Error: No such option: --sett' >&2; exit 2"})
-    result = run_script("train-resilient.sh", "--backoff", "0", "r.yaml", "--sett", "x=1", env=env)
-    assert result.returncode == 2
-    assert len(calls(tmp_path)) == 1
-
-
-def test_train_resilient_retries_a_traceback(tmp_path: Path):
-    crash = "printf 'Traceback (most recent call last):\\n  File \"x\"\\nRuntimeError: CUDA error\\n' >&2; exit 1"
-    env = fake_qlora(tmp_path, {1: crash, 2: "exit 0"})
-    result = run_script("train-resilient.sh", "--backoff", "0", "r.yaml", env=env)
+@pytest.mark.parametrize(
+    "code", [ExitCode.INTERRUPTED, ExitCode.TERMINATED, 137, ExitCode.CRASH, 99], ids=lambda code: str(int(code))
+)
+def test_train_resilient_retries_with_resume_after(tmp_path: Path, code: int):
+    # Preempted (130/143, a checkpoint saved), killed (137), crashed (70, traceback shown) or anything unknown.
+    result = train_resilient(tmp_path, {1: exits(code), 2: "exit 0"}, "r.yaml")
     assert result.returncode == 0, result.stderr
-    assert calls(tmp_path)[1][-1] == "--resume"
+    assert calls(tmp_path) == [["train", "r.yaml"], ["train", "r.yaml", "--resume"]]
+    assert f"failed with exit {int(code)}" in result.stderr
 
 
-def test_train_resilient_gives_up_after_max_retries(tmp_path: Path):
-    env = fake_qlora(tmp_path, {"*": "kill -9 $$"})
-    result = run_script("train-resilient.sh", "--backoff", "0", "--max-retries", "2", "r.yaml", env=env)
-    assert result.returncode == 137
-    assert len(calls(tmp_path)) == 3
-    assert "giving up after 2 retries" in result.stderr
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (ExitCode.OK, ""),
+        (ExitCode.USER_ERROR, "adapter: adapters/sql already exists; pass --force to replace it"),
+        (ExitCode.USAGE, "No such option: --sett"),
+        (ExitCode.DIVERGED, "loss became nan at step 3; stopped without exporting an adapter"),
+    ],
+    ids=lambda value: value.name if isinstance(value, ExitCode) else None,
+)
+def test_train_resilient_does_not_retry(tmp_path: Path, code: ExitCode, message: str):
+    result = train_resilient(tmp_path, {"*": exits(code, message)}, "r.yaml", "--set", "lora.r=4")
+    assert result.returncode == code, result.stderr
+    assert calls(tmp_path) == [["train", "r.yaml", "--set", "lora.r=4"]]  # never forces over an adapter
+    assert message in result.stderr  # qlora's own words reach the user
+    if code != ExitCode.OK:
+        assert "not retried" in result.stderr
 
 
-def test_train_resilient_starts_fresh_when_killed_before_any_checkpoint(tmp_path: Path):
-    nothing = "echo 'error: --resume: no complete checkpoint in runs/x; start over with --force' >&2; exit 1"
-    env = fake_qlora(tmp_path, {1: "exit 137", 2: nothing, 3: "exit 0"})
-    result = run_script("train-resilient.sh", "--backoff", "0", "r.yaml", env=env)
-    assert result.returncode == 0, result.stderr
-    assert calls(tmp_path) == [["train", "r.yaml"], ["train", "r.yaml", "--resume"], ["train", "r.yaml", "--force"]]
-
-
-def test_train_resilient_rerun_continues_an_interrupted_run(tmp_path: Path):
-    # Running the same command again (a new box, same disk) picks the run up: idempotent.
-    interrupted = (
-        "echo 'error: train.output_dir: runs/x holds an interrupted run (last complete checkpoint: checkpoint-4); "
-        "continue it with --resume, or start over with --force' >&2; exit 1"
-    )
-    env = fake_qlora(tmp_path, {1: interrupted, 2: "exit 0"})
-    result = run_script("train-resilient.sh", "--backoff", "0", "r.yaml", env=env)
+@pytest.mark.parametrize("code", [ExitCode.RUN_INTERRUPTED, ExitCode.RUN_EXISTS], ids=lambda code: code.name)
+def test_train_resilient_rerun_continues_the_run_in_the_folder(tmp_path: Path, code: ExitCode):
+    # Running the same command again (a new box, same disk) picks the run up: idempotent, no retry used.
+    result = train_resilient(tmp_path, {1: exits(code), 2: "exit 0"}, "--max-retries", "0", "r.yaml")
     assert result.returncode == 0, result.stderr
     assert calls(tmp_path) == [["train", "r.yaml"], ["train", "r.yaml", "--resume"]]
 
 
-def test_train_resilient_never_forces_over_an_existing_adapter(tmp_path: Path):
-    exists = "echo 'error: adapter: adapters/sql already exists; pass --force to replace it' >&2; exit 1"
-    env = fake_qlora(tmp_path, {"*": exists})
-    result = run_script("train-resilient.sh", "--backoff", "0", "r.yaml", env=env)
-    assert result.returncode == 1
+def test_train_resilient_starts_fresh_when_there_is_nothing_to_resume(tmp_path: Path):
+    result = train_resilient(tmp_path, {1: exits(ExitCode.NOTHING_TO_RESUME), 2: "exit 0"}, "r.yaml", "--resume")
+    assert result.returncode == 0, result.stderr
+    assert calls(tmp_path) == [["train", "r.yaml", "--resume"], ["train", "r.yaml"]]
+
+
+def test_train_resilient_starts_fresh_when_killed_before_any_checkpoint(tmp_path: Path):
+    result = train_resilient(tmp_path, {1: "exit 137", 2: exits(ExitCode.NO_CHECKPOINT), 3: "exit 0"}, "r.yaml")
+    assert result.returncode == 0, result.stderr
+    assert calls(tmp_path) == [["train", "r.yaml"], ["train", "r.yaml", "--resume"], ["train", "r.yaml", "--force"]]
+
+
+@pytest.mark.parametrize(
+    ("code", "args"),
+    [
+        (ExitCode.RUN_INTERRUPTED, ["--resume"]),  # a mode code that does not fit the mode it answers
+        (ExitCode.NOTHING_TO_RESUME, []),
+        (ExitCode.NO_CHECKPOINT, []),
+    ],
+    ids=lambda value: value.name if isinstance(value, ExitCode) else None,
+)
+def test_train_resilient_stops_on_a_mode_code_that_does_not_fit(tmp_path: Path, code: ExitCode, args: list[str]):
+    result = train_resilient(tmp_path, {"*": exits(code)}, "r.yaml", *args)
+    assert result.returncode == code, result.stderr
+    assert len(calls(tmp_path)) == 1 and "not retried" in result.stderr
+
+
+def test_train_resilient_switches_mode_at_most_twice_in_a_row(tmp_path: Path):
+    # A folder qlora keeps answering RUN_EXISTS for, and NOTHING_TO_RESUME under --resume: no endless loop.
+    cases = {1: exits(ExitCode.RUN_EXISTS), 2: exits(ExitCode.NOTHING_TO_RESUME), 3: exits(ExitCode.RUN_EXISTS)}
+    result = train_resilient(tmp_path, cases, "r.yaml")
+    assert result.returncode == ExitCode.RUN_EXISTS, result.stderr
+    assert calls(tmp_path) == [["train", "r.yaml"], ["train", "r.yaml", "--resume"], ["train", "r.yaml"]]
+
+
+def test_train_resilient_ignores_the_wording_of_messages(tmp_path: Path):
+    # The words that once chose the mode, with a plain user-error code: the code decides, not the text.
+    message = "train.output_dir: runs/x holds an interrupted run; continue it with --resume"
+    result = train_resilient(tmp_path, {"*": exits(ExitCode.USER_ERROR, message)}, "r.yaml")
+    assert result.returncode == ExitCode.USER_ERROR
     assert calls(tmp_path) == [["train", "r.yaml"]]
+
+
+def test_train_resilient_gives_up_after_max_retries(tmp_path: Path):
+    result = train_resilient(tmp_path, {"*": "kill -9 $$"}, "--max-retries", "2", "r.yaml")
+    assert result.returncode == 137
+    assert len(calls(tmp_path)) == 3
+    assert "giving up after 2 retries" in result.stderr
 
 
 def test_train_resilient_stops_on_sigterm_without_retrying(tmp_path: Path):
@@ -248,25 +308,30 @@ def test_train_resilient_stops_on_sigterm_without_retrying(tmp_path: Path):
         env={**os.environ, **env},
         cwd=REPO,
     )
-    deadline = time.monotonic() + 10
-    while not calls(tmp_path) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)  # now in the 60 s back-off
+    # The wrapper logs this line once its 60 s back-off has started and a signal can end it.
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if "retrying with --resume in 60s" in line:
+            break
+    else:
+        pytest.fail("".join(seen))
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=10)
-    assert process.returncode == 143, stderr
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 143, "".join(seen) + stderr
     assert len(calls(tmp_path)) == 1
-    assert "not retrying" in stderr
+    assert "received SIGTERM while waiting: not retrying" in stderr
 
 
 def test_train_resilient_ctrl_c_lets_qlora_save_and_report(tmp_path: Path):
     # Ctrl-C signals the whole process group: qlora saves and still gets its last words out, the wrapper
-    # passes them on and exits 130 without retrying.
-    # The save takes a moment (0.3 s) so that the wrapper must wait for it; "ready" says the trap is set.
-    ready = tmp_path / "state" / "ready"
+    # passes them on and exits 130 without retrying. "ready" says the fake's trap is set; its save then
+    # lasts until the test, having seen it start ("saving") with the wrapper still running, writes "done".
+    state = tmp_path / "state"
     saving = (
-        'trap \'kill "$blocker"; echo saving >&2; sleep 0.3; echo "error: stopped by SIGINT at step 3" >&2; exit 130\' INT TERM; '
-        f"tail -f /dev/null >/dev/null 2>&1 & blocker=$!; touch {ready}; wait"
+        f'trap \'kill "$blocker"; touch {state}/saving; until [ -e {state}/done ]; do sleep 0.05; done; '
+        'echo "error: stopped by SIGINT at step 3" >&2; exit 130\' INT TERM; '
+        f"tail -f /dev/null >/dev/null 2>&1 & blocker=$!; touch {state}/ready; wait"
     )
     env = fake_qlora(tmp_path, {"*": saving})
     process = subprocess.Popen(
@@ -278,15 +343,25 @@ def test_train_resilient_ctrl_c_lets_qlora_save_and_report(tmp_path: Path):
         env={**os.environ, **env},
         cwd=REPO,
     )
-    deadline = time.monotonic() + 10
-    while not ready.exists() and time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.05)
+
+    def wait_for(path: Path) -> None:
+        deadline = time.monotonic() + 60
+        while not path.exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, f"timed out waiting for {path.name}"
+            time.sleep(0.05)
+
+    wait_for(state / "ready")
     os.killpg(process.pid, signal.SIGINT)
-    _, stderr = process.communicate(timeout=10)
+    wait_for(state / "saving")
+    assert process.poll() is None, "the wrapper left while qlora was still saving"
+    (state / "done").touch()
+    _, stderr = process.communicate(timeout=30)
     assert process.returncode == 130, stderr
-    assert "error: stopped by SIGINT at step 3" in stderr
     assert len(calls(tmp_path)) == 1
+    # qlora's last words come before the wrapper's verdict, which knows qlora's exit code: it waited.
+    reported = stderr.index("error: stopped by SIGINT at step 3")
+    assert stderr.index("received SIGINT: not retrying (qlora exited 130)") > reported
 
 
 def test_train_resilient_without_qlora_exits_127(tmp_path: Path):

@@ -15,6 +15,7 @@ class ExitCode(IntEnum):
     OK = 0
     USER_ERROR = 1  # the recipe, data, folders or options need a fix; the message says which
     USAGE = 2  # the command-line parser (click) refused the command line
+    DOES_NOT_FIT = 3  # plan: the predicted peak memory exceeds --gpu-memory
     RUN_INTERRUPTED = 10  # train: train.output_dir holds an interrupted run; run again with --resume
     RUN_EXISTS = 11  # train: train.output_dir holds a qlora run with nothing to continue; --resume or --force
     NOTHING_TO_RESUME = 12  # train --resume: train.output_dir holds no qlora run; train without --resume

@@ -42,6 +42,7 @@ SYNONYMS = {
     "max_seq_length": "max_length",
     "dataset": "path",
     "save_total_limit": "save_limit",
+    "format": "template",
 }
 
 
@@ -147,9 +148,6 @@ class DataSection(Section):
         description="Hub dataset id, or a local .jsonl/.json/.csv/.parquet file (relative to the recipe)."
     )
     split: str = Field("train", description="Split to train on, for hub datasets.")
-    format: Literal["alpaca"] = Field(
-        "alpaca", description="Row layout: alpaca rows have instruction, optional input, output."
-    )
     columns: dict[Literal["instruction", "input", "output"], str] = Field(
         {}, description="Dataset columns that hold the alpaca fields, e.g. {instruction: question, output: answer}."
     )
@@ -249,10 +247,9 @@ class Recipe(Section):
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override, validate and resolve a recipe; raise one QloraError listing every problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise QloraError(f"recipe not found: {path}")
+    """Read, override, validate and resolve a recipe (a file, or the name of a shipped one); raise one
+    QloraError listing every problem."""
+    path = find_recipe(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.MarkedYAMLError as error:
@@ -368,16 +365,40 @@ def is_local(value: str) -> bool:
     return Path(value).is_absolute()
 
 
-# The recipes that ship with qlora live beside the package in a source checkout (pip install -e .).
-SHIPPED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+def _shipped_recipes() -> Path:
+    # An installed wheel carries recipes/ as the package data `qlora_cli.recipes`; a source checkout (an
+    # editable install) keeps them in the top-level recipes/, where people look for them.
+    package = Path(__file__).resolve().parent
+    installed = package / "recipes"
+    return installed if installed.is_dir() else package.parent / "recipes"
+
+
+SHIPPED_RECIPES = _shipped_recipes()
+TINY_BASE = SHIPPED_RECIPES / "tiny" / "base"  # the built-in 4M-parameter base the tiny recipes fine-tune
 
 
 def shipped_recipe(name: str) -> Path:
     path = SHIPPED_RECIPES / f"{name.removesuffix('.yaml')}.yaml"
     if not path.is_file():
-        known = ", ".join(p.stem for p in sorted(SHIPPED_RECIPES.glob("*.yaml")))
-        raise QloraError(f"no shipped recipe {name!r}; shipped: {known}")
+        raise QloraError(f"no shipped recipe {name!r}; shipped: {_shipped_names()}")
     return path
+
+
+def _shipped_names() -> str:
+    return ", ".join(p.stem for p in sorted(SHIPPED_RECIPES.glob("*.yaml")))
+
+
+def find_recipe(path: str | Path) -> Path:
+    """The recipe file at `path`; else, for a bare name such as `tiny-sql`, the shipped recipe of that name,
+    so that `qlora train tiny-sql` works from any folder after a plain `pip install`."""
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    if len(candidate.parts) == 1 and (SHIPPED_RECIPES / f"{candidate.name.removesuffix('.yaml')}.yaml").is_file():
+        return shipped_recipe(candidate.name)
+    raise QloraError(
+        f"recipe not found: {candidate}; give a recipe file, or a shipped recipe's name: {_shipped_names()}"
+    )
 
 
 def describe_recipe(path: Path) -> dict[str, str]:

@@ -1,14 +1,20 @@
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
+from pydantic_core import PydanticUndefined
 
 from qlora_cli.errors import QloraError
 from qlora_cli.lora import lora_config
 from qlora_cli.model import bnb_config
-from qlora_cli.recipe import load_recipe
+from qlora_cli.recipe import SHIPPED_RECIPES, Recipe, copy_recipe, load_recipe
 
-REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
 
 
@@ -149,3 +155,102 @@ def test_invalid_rows_takes_fail_or_drop(tmp_path):
 def test_adapter_names_that_mean_the_base_or_a_mix_are_refused(tmp_path, name):
     message = error_of(tmp_path, minimal(tmp_path, lora={"name": name}))
     assert "lora.name" in message and "reserved" in message
+
+
+def restated_defaults(path: Path) -> list[str]:
+    """Keys a recipe sets to the value the schema would give them anyway (lora.name and train.output_dir
+    default from the recipe's file name)."""
+    written = yaml.safe_load(path.read_text()) or {}
+    recipe = load_recipe(path)
+    derived = {("lora", "name"): path.stem, ("train", "output_dir"): f"runs/{recipe.lora.name}"}
+    restated = []
+    for section, values in written.items():
+        fields = Recipe.model_fields[section].annotation.model_fields
+        for key, value in (values or {}).items():
+            default = derived.get((section, key), fields[key].get_default(call_default_factory=True))
+            if default is not PydanticUndefined and value == default:
+                restated.append(f"{section}.{key}: {value!r}")
+    return restated
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_recipes_list_only_what_differs_from_the_defaults(path):
+    assert restated_defaults(path) == [], f"{path.name} restates defaults; remove them"
+
+
+def test_a_restated_default_is_flagged(tmp_path):
+    recipe = minimal(tmp_path, lora={"name": "bot", "r": 16, "alpha": 8.0}, train={"output_dir": "runs/bot"})
+    assert restated_defaults(write(tmp_path, yaml.safe_dump(recipe), "bot.yaml")) == [
+        "lora.name: 'bot'",
+        "lora.r: 16",
+        "train.output_dir: 'runs/bot'",
+    ]
+
+
+def test_a_copied_shipped_recipe_still_loads_from_another_folder(tmp_path, monkeypatch):
+    copied = copy_recipe("tiny-sql", tmp_path / "mine.yaml")
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(copied)
+    assert (recipe.lora.name, recipe.train.output_dir) == ("sql", "runs/sql")
+    assert Path(recipe.model.id) == (SHIPPED_RECIPES / "tiny" / "base").resolve()
+
+
+def test_a_shipped_recipe_loads_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("tiny-sql", "tiny-sql.yaml"):
+        recipe = load_recipe(name)
+        assert recipe.lora.name == "sql"
+        assert Path(recipe.data.path) == (SHIPPED_RECIPES / "tiny" / "sql" / "train.jsonl").resolve()
+    (tmp_path / "tiny-sql.yaml").write_text(yaml.safe_dump(minimal(tmp_path)))
+    assert load_recipe("tiny-sql.yaml").model.id == "org/model"  # a file in the folder comes first
+    message = str(pytest.raises(QloraError, load_recipe, "tiny-sq").value)
+    assert message.startswith("recipe not found: tiny-sq;") and "tiny-sql" in message
+
+
+def test_the_wheel_carries_the_recipes_and_the_tiny_base(tmp_path):
+    """A plain (non-editable) install has the shipped recipes, the tiny base and its data, and finds them
+    from any folder; the benchmarks and tools stay in the checkout."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for folder in ("qlora_cli", "recipes"):
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    build = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q"]
+    completed = subprocess.run([*build, "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    (wheel,) = (tmp_path / "dist").glob("qlora_cli-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {
+        f"qlora_cli/recipes/{path.relative_to(REPO / 'recipes').as_posix()}"
+        for path in (REPO / "recipes").rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+    assert shipped <= names and "qlora_cli/recipes/tiny/base/model.safetensors" in names
+    assert not [name for name in names if name.startswith(("benchmarks/", "tools/"))]
+
+    site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    zipfile.ZipFile(wheel).extractall(site)
+    elsewhere.mkdir()
+    probe = (
+        "import qlora_cli, sys; from qlora_cli.recipe import SHIPPED_RECIPES, load_recipe; "
+        "recipe = load_recipe('tiny-json'); print(qlora_cli.__file__, SHIPPED_RECIPES, recipe.model.id, sep='\\n')"
+    )
+    environment = {**os.environ, "PYTHONPATH": str(site)}
+    completed = subprocess.run(
+        [sys.executable, "-c", probe], cwd=elsewhere, env=environment, capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    module, recipes, base = completed.stdout.splitlines()
+    assert Path(module).is_relative_to(site) and Path(recipes) == site / "qlora_cli" / "recipes"
+    assert Path(base) == site / "qlora_cli" / "recipes" / "tiny" / "base"
+    listed = subprocess.run(
+        [sys.executable, "-m", "qlora_cli", "recipes", "list"],
+        cwd=elsewhere,
+        env={**environment, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert listed.returncode == 0, listed.stderr[-4000:]
+    assert all(path.stem in listed.stdout for path in SHIPPED)

@@ -67,7 +67,7 @@ check_prerequisites() {
     problems+=("no '$python' on PATH (set PYTHON)")
   fi
   local file
-  for file in recipes/tiny-sql.yaml recipes/tiny/base/model.safetensors tests/test_gpu.py qlora_cli/bench.py qlora_cli/bench_plan.py; do
+  for file in recipes/tiny-sql.yaml recipes/tiny/base/model.safetensors tests/test_gpu.py benchmarks/bench.py benchmarks/bench_plan.py; do
     [ -e "$file" ] || problems+=("missing $file")
   done
   local tool
@@ -124,11 +124,11 @@ step_command() {
     doctor) command=("$python" -m qlora_cli doctor recipes/tiny-sql.yaml) ;;
     # xunit1: the JUnit flavour that keeps what the tests record (losses, differences) as properties.
     gpu-tests) command=("$python" -m pytest -m gpu tests/test_gpu.py tests/test_fastpath.py -p no:cacheprovider -q -o junit_family=xunit1 "--junitxml=$work/pytest.xml") ;;
-    plan-memory) command=("$python" -m qlora_cli.bench_plan measure --shape "$shape" --json "$work/plan.json") ;;
+    plan-memory) command=("$python" -m benchmarks.bench_plan measure --shape "$shape" --json "$work/plan.json") ;;
     # Three timed optimizer steps of the qlora arm (32k tokens each on mistral7b) after one warm-up: the figures
     # settle there, and the three arms then fit the budget.
-    benchmark) command=("$python" -m qlora_cli.bench --shape "$shape" --steps 2 --json "$work/bench.json" --markdown "$work/bench.md") ;;
-    report) command=("$python" -m qlora_cli.bench_plan report "$work" --out "$out_dir" --command "$recorded" --budget "$budget") ;;
+    benchmark) command=("$python" -m benchmarks.bench --shape "$shape" --steps 2 --json "$work/bench.json" --markdown "$work/bench.md") ;;
+    report) command=("$python" -m benchmarks.bench_plan report "$work" --out "$out_dir" --command "$recorded" --budget "$budget") ;;
   esac
   if [ "$1" = install ]; then
     shown="$(printf '%q ' "${install[@]}")$(printf '%q' "$wheels")/*.whl"

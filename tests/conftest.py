@@ -27,9 +27,7 @@ TINY = REPO / "recipes" / "tiny"
 
 @pytest.fixture(scope="session")
 def tiny_base() -> Path:
-    assert (TINY / "base" / "model.safetensors").is_file(), (
-        "the shipped tiny base is missing: python -m qlora_cli.demo.pretrain"
-    )
+    assert (TINY / "base" / "model.safetensors").is_file(), "the shipped tiny base is missing: python -m tools.pretrain"
     return TINY / "base"
 
 

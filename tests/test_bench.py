@@ -16,7 +16,8 @@ from transformers import MistralConfig
 from trl import SFTConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from qlora_cli import bench, plan
+from benchmarks import bench
+from qlora_cli import plan
 from qlora_cli.data import IGNORE_INDEX
 from qlora_cli.recipe import TrainSection
 
@@ -207,7 +208,7 @@ def test_training_benchmark_compares_three_arms_on_the_same_examples(tmp_path, c
     for words in ("(a) tutorial", "(b) TRL defaults", "(c) qlora", "tokens/step", "tokens/s", "RSS+ GiB", "MFU", "HFU"):
         assert words in printed
     markdown = markdown_path.read_text()
-    assert "python -m qlora_cli.bench --shape tiny --examples 200 --warmup 1" in markdown
+    assert "python -m benchmarks.bench --shape tiny --examples 200 --warmup 1" in markdown
     for words in (
         "| (a) tutorial |",
         "| (b) TRL defaults |",
@@ -224,7 +225,7 @@ def test_training_benchmark_compares_three_arms_on_the_same_examples(tmp_path, c
 
 @pytest.mark.pipeline
 def test_data_benchmark_prints_rows_per_second():
-    command = [sys.executable, "-m", "qlora_cli.bench_data", "--rows", "2000"]
+    command = [sys.executable, "-m", "benchmarks.bench_data", "--rows", "2000"]
     completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert "rows/s" in completed.stdout

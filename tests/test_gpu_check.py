@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_cli import bench_plan
+from benchmarks import bench_plan
 
 REPO = Path(__file__).resolve().parents[1]
 BASH = shutil.which("bash") or "/bin/bash"
@@ -47,12 +47,12 @@ def test_dry_run_names_every_step_with_its_command_and_budget(tmp_path):
     assert "pip install -q --no-index --no-deps" in commands["install"] and "--target /tmp/site" in commands["install"]
     assert commands["doctor"].endswith("-m qlora_cli doctor recipes/tiny-sql.yaml")
     assert "-m pytest -m gpu tests/test_gpu.py tests/test_fastpath.py" in commands["gpu-tests"]
-    assert "-m qlora_cli.bench_plan measure --shape mistral7b" in commands["plan-memory"]
+    assert "-m benchmarks.bench_plan measure --shape mistral7b" in commands["plan-memory"]
     assert (
-        "-m qlora_cli.bench --shape mistral7b --steps 2 --json" in commands["benchmark"]
+        "-m benchmarks.bench --shape mistral7b --steps 2 --json" in commands["benchmark"]
         and "--markdown" in commands["benchmark"]
     )
-    assert "-m qlora_cli.bench_plan report" in commands["report"] and str(tmp_path / "out") in commands["report"]
+    assert "-m benchmarks.bench_plan report" in commands["report"] and str(tmp_path / "out") in commands["report"]
     assert "dry run ok" in out and "HF_HUB_OFFLINE=1" in out
     assert not (tmp_path / "out").exists()  # wrote nothing
 
@@ -235,7 +235,7 @@ def write_work(work: Path, *, plan_error: float, failing_step: bool) -> None:
         ("install", "-", 0, 0, "(skipped: no wheels in .whl)"),
         ("doctor", 0, 9, 30, "python3 -m qlora_cli doctor recipes/tiny-sql.yaml"),
         ("gpu-tests", 1 if failing_step else 0, 80, 120, "python3 -m pytest -m gpu tests/test_gpu.py"),
-        ("benchmark", 0, 200, 250, "python3 -m qlora_cli.bench --shape mistral7b"),
+        ("benchmark", 0, 200, 250, "python3 -m benchmarks.bench --shape mistral7b"),
     ]
     (work / "steps.tsv").write_text("".join("\t".join(map(str, step)) + "\n" for step in steps))
     (work / "gpu-tests.log").write_text("collected 6 items\n...\nFAILED tests/test_gpu.py::test_resume\n")

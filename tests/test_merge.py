@@ -22,10 +22,10 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from qlora_cli import merge
-from qlora_cli.bench_merge import build_adapter, build_base
 from qlora_cli.errors import QloraError
 from qlora_cli.model import load_model
 from qlora_cli.recipe import ModelSection
+from qlora_cli.testing import build_adapter, build_base
 
 pytestmark = pytest.mark.pipeline
 

@@ -1,6 +1,6 @@
 """How instant the CLI feels: `qlora --help` against importing the ML stack, in one run.
 
-python -m qlora_cli.bench_startup [--runs 5]
+python -m benchmarks.bench_startup [--runs 5]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Benchmark: QLoRA training, three stacks on the same examples: real tokens/s, peak memory, MFU and HFU.
 
-    python -m qlora_cli.bench                          # Mistral-7B shape on CUDA, a small shape on CPU
-    python -m qlora_cli.bench --shape small --steps 4 --json bench.json --markdown BENCHMARKS.md
+    python -m benchmarks.bench                          # Mistral-7B shape on CUDA, a small shape on CPU
+    python -m benchmarks.bench --shape small --steps 4 --json bench.json --markdown BENCHMARKS.md
 
 A Mistral-shaped base with random weights (no download) is saved once as bf16 safetensors. Every arm loads
 it in 4-bit NF4 with double quantization, attaches the same LoRA (rank r, alpha 2r, dropout 0.05, every
@@ -54,13 +54,11 @@ import argparse
 import dataclasses
 import datetime
 import hashlib
-import importlib.metadata
 import json
 import logging
 import math
 import platform
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,7 +68,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from qlora_cli.bench_merge import proc_status_mib
+from benchmarks.bench_merge import proc_status_mib
+from qlora_cli.testing import build_base, library_versions, run_in_fresh_process
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +84,13 @@ SHAPES = {
     "mistral7b": {"config": {}, "max_length": 2048, "r": 64, "steps": 6, "warmup": 1},
     "small": {
         "config": {
-            "vocab_size": 1024,
-            "hidden_size": 256,
-            "intermediate_size": 640,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 1024,
+            "vocab": 1024,
+            "hidden": 256,
+            "intermediate": 640,
+            "layers": 4,
+            "heads": 4,
+            "kv_heads": 2,
+            "max_positions": 1024,
         },
         "max_length": 256,
         "r": 8,
@@ -101,13 +100,13 @@ SHAPES = {
     # One layer: a smoke test of the whole benchmark in seconds (the test suite runs it); its figures mean nothing.
     "tiny": {
         "config": {
-            "vocab_size": 256,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "max_position_embeddings": 256,
+            "vocab": 256,
+            "hidden": 64,
+            "intermediate": 128,
+            "layers": 1,
+            "heads": 2,
+            "kv_heads": 1,
+            "max_positions": 256,
         },
         "max_length": 64,
         "r": 4,
@@ -280,32 +279,22 @@ def describe_batch(batch: dict) -> BatchRecord:
 # -------------------------------------------------------------------------------------------- models
 
 
-def build_base(settings: Settings) -> dict:
+def save_base(settings: Settings) -> dict:
     """A random Mistral-shaped base saved as bf16 safetensors with a tokenizer; returns its config."""
-    import torch
-    from transformers import AutoModelForCausalLM, MistralConfig
-    from transformers.utils import logging as transformers_logging
-
-    from qlora_cli.demo.pretrain import build_tokenizer
-
-    transformers_logging.disable_progress_bar()
-
-    tokenizer = build_tokenizer([])  # only its special tokens matter: the data is token ids already
-    tokenizer.pad_token = tokenizer.unk_token  # one pad id for every arm (qlora's load_tokenizer picks the same)
-    config = MistralConfig(
-        **SHAPES[settings.shape]["config"], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+    model = build_base(
+        Path(settings.base_dir),
+        seed=settings.seed,
+        device=settings.device,
+        max_length=settings.max_length,
+        **SHAPES[settings.shape]["config"],
     )
-    torch.manual_seed(settings.seed)
-    # Initialising 7B parameters takes seconds on a GPU and minutes on CPU cores.
-    with torch.device(settings.device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(settings.base_dir)
-    tokenizer.model_max_length = settings.max_length
-    tokenizer.save_pretrained(settings.base_dir)
+    config = model.config.to_dict()
     del model
     if settings.device == "cuda":
+        import torch
+
         torch.cuda.empty_cache()
-    return config.to_dict()
+    return config
 
 
 def trl_default_max_length() -> int:
@@ -424,9 +413,13 @@ def qlora_trainer(settings: Settings, dataset):
     set_seed(settings.seed)
     model = attach_lora(model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing)
     args = sft_config(recipe, use_cpu=device.type == "cpu")
-    trainer = CheckpointingTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    trainer.qlora_save_limit = recipe.train.save_limit
-    return trainer
+    return CheckpointingTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        save_limit=recipe.train.save_limit,
+    )
 
 
 TRAINERS = {"tutorial": tutorial_trainer, "trl": trl_trainer, "qlora": qlora_trainer}
@@ -594,17 +587,10 @@ def measure_arm(arm: str, settings: Settings) -> dict:
     }
 
 
-def run_in_fresh_process(arm: str, settings: Settings) -> dict:
+def measure_in_fresh_process(arm: str, settings: Settings) -> dict:
     spec = Path(settings.work_dir) / f"{arm}-settings.json"
-    result = Path(settings.work_dir) / f"{arm}-result.json"
     spec.write_text(json.dumps(dataclasses.asdict(settings)))
-    command = [sys.executable, "-m", "qlora_cli.bench", "--worker", arm, str(spec), str(result)]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
-    if completed.returncode != 0:
-        raise RuntimeError(
-            f"arm {arm} failed (exit {completed.returncode}):\n{(completed.stdout + completed.stderr)[-6000:]}"
-        )
-    return json.loads(result.read_text())
+    return run_in_fresh_process("benchmarks.bench", "--worker", arm, str(spec))
 
 
 def matmul_peak_flops(device: str) -> float:
@@ -652,7 +638,7 @@ class FlopModel:
 
 
 def flop_model(config: dict, r: int) -> FlopModel:
-    from qlora_cli.plan import count_parameters, lora_parameters, model_shape
+    from qlora_cli.memory import count_parameters, lora_parameters, model_shape
 
     shape = model_shape(config)
     linear = count_parameters(config)["linear"]
@@ -688,16 +674,6 @@ def flops_text(value: float) -> str:
         if value >= size:
             return f"{value / size:,.1f} {unit}"
     return f"{value:,.0f} FLOP"
-
-
-def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str]:
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 def check_same_examples(rows: list[dict], fingerprint: str, examples: int, real_tokens: int) -> None:
@@ -903,7 +879,7 @@ def render_markdown(report: dict) -> str:
 
 def rerun_command(args: argparse.Namespace) -> str:
     epoch = ["--examples", str(args.examples)] if args.examples else ["--steps", str(args.steps)]
-    command = ["python", "-m", "qlora_cli.bench", "--shape", args.shape, *epoch, "--warmup", str(args.warmup)]
+    command = ["python", "-m", "benchmarks.bench", "--shape", args.shape, *epoch, "--warmup", str(args.warmup)]
     if args.batch_size:
         command += ["--batch-size", str(args.batch_size)]
     command += ["--max-length", str(args.max_length), "--r", str(args.r), "--seed", str(args.seed)]
@@ -940,12 +916,12 @@ def resolve_settings(args: argparse.Namespace, device: str, scratch: str) -> Set
 
 
 def run(args: argparse.Namespace, device: str) -> dict:
-    from qlora_cli.plan import count_parameters
+    from qlora_cli.memory import count_parameters
 
     with tempfile.TemporaryDirectory(prefix="qlora-bench-") as scratch:
         settings = resolve_settings(args, device, scratch)
         log.info("building a random %s base in %s", args.shape, settings.base_dir)
-        config = build_base(settings)
+        config = save_base(settings)
         examples = synthetic_examples(settings, config["vocab_size"], config["bos_token_id"], config["eos_token_id"])
         data = {
             "examples": len(examples),
@@ -966,7 +942,7 @@ def run(args: argparse.Namespace, device: str) -> dict:
                 label,
                 settings.examples,
             )
-            rows.append(run_in_fresh_process(arm, settings))
+            rows.append(measure_in_fresh_process(arm, settings))
             log.info(
                 "%s: %d optimizer steps of %.0f real tokens",
                 label,
@@ -994,13 +970,13 @@ def run(args: argparse.Namespace, device: str) -> dict:
         "optimizer state (CUDA managed memory, outside torch's allocator)"
         if device == "cuda"
         else "growth of peak RSS (VmHWM, reset before loading the model) over the RSS after imports",
-        "versions": library_versions(),
+        "versions": library_versions(LIBRARIES),
         "rows": rows,
     }
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m qlora_cli.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--shape", choices=SHAPES, help="model shape (default: mistral7b on CUDA, small on CPU; tiny: a smoke test)"
     )

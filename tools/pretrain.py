@@ -4,7 +4,7 @@ Why pretrain at all: QLoRA freezes the base and trains only low-rank adapters. B
 mostly copying — table names, columns and values into SQL, words of a sentence into JSON — and a
 randomly initialised base has no copying circuit for a LoRA adapter to steer: on frozen random
 weights the adapter learns the output template but gets ~0% exact match. So the base gets a short
-pretraining on task-free skills (see `qlora_cli.demo.world`): first copy drills over every word of
+pretraining on task-free skills (see `tools.world`): first copy drills over every word of
 the demo, then SQL and JSON over *made-up* tables, keys and values, in another phrasing and
 another layout than the demo tasks, and last a short run that adds synonyms ("highest" next to
 "maximum"), the word knowledge any pretrained model brings. The base then fails the demo tasks on
@@ -17,9 +17,9 @@ copiers (`copier_init`) plus one wired to look at the previous token (`previous_
 and the copy-first curriculum.
 
 Word-level tokens keep the model tiny and make copying a one-token-per-word job; see
-`build_tokenizer` for how spaces are handled so that decoding still round-trips exactly.
+`qlora_cli.testing.build_tokenizer` for how spaces are handled so that decoding still round-trips exactly.
 
-    python -m qlora_cli.demo.pretrain --out recipes/tiny/base [--threads 1]
+    python -m tools.pretrain --out recipes/tiny/base [--threads 1]
 """
 
 from __future__ import annotations
@@ -27,73 +27,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import string
 import time
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import GenerationConfig, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
-from qlora_cli.demo import world
 from qlora_cli.prompts import render_prompt
+from qlora_cli.testing import build_tokenizer
+from tools import world
 
-# Words, whitespace runs and single punctuation marks are tokens, except that the single space
-# between two words is dropped: it is implied, and the decoder puts it back. Each word thus has a
-# single token wherever it appears ("in Paris", "'Paris'", "\"Paris\""), which is what copying needs,
-# and sequences are about half as long as with a token per space.
-IMPLIED_SPACE = r"(?<=\w) (?=\w)"
-TOKEN_PATTERN = r"\w+|\s+|[^\w\s]"
-UNK, BOS, EOS = "<unk>", "<s>", "</s>"  # Mistral's special tokens and ids 0, 1, 2
 MAX_LEN = 256
 SEED = 0
-
-
-def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(IMPLIED_SPACE), behavior="removed"),
-            pre_tokenizers.Split(Regex(TOKEN_PATTERN), behavior="isolated"),
-        ]
-    )
-
-
-def _decoder() -> decoders.Decoder:
-    # Mark every token boundary, join, then turn the boundaries between two words back into the
-    # space the pre-tokenizer removed; every other boundary joins with nothing.
-    return decoders.Sequence(
-        [
-            decoders.Replace(Regex("$"), "\x01"),
-            decoders.Fuse(),
-            decoders.Replace(Regex(r"(?<=\w)\x01(?=\w)"), " "),
-            decoders.Replace("\x01", ""),
-        ]
-    )
-
-
-def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer whose vocabulary is every token of `texts` plus printable ASCII."""
-    pre_tokenizer = _pre_tokenizer()
-    pieces = {piece for text in texts for piece, _ in pre_tokenizer.pre_tokenize_str(text)}
-    # Single characters keep unforeseen punctuation and digits out of <unk>.
-    pieces.update(string.printable.strip())
-    pieces.update({" ", "\n"})
-    vocab = {token: i for i, token in enumerate([UNK, BOS, EOS, *sorted(pieces)])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizer
-    core.decoder = _decoder()
-    # BOS in front like Mistral; no EOS, since SFT appends it to completions itself.
-    core.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        model_max_length=MAX_LEN,
-        clean_up_tokenization_spaces=False,
-    )
 
 
 def model_config(tokenizer: PreTrainedTokenizerFast) -> MistralConfig:
@@ -237,7 +182,7 @@ def _readme(config: MistralConfig, params: int, stages: list[dict]) -> str:
 
 A {params / 1e6:.1f}M-parameter Mistral (4 layers, hidden {config.hidden_size}, {config.num_attention_heads} heads,
 {config.num_key_value_heads} KV heads, vocabulary {config.vocab_size} words) with a word-level tokenizer, built
-offline for the `qlora` demo by `python -m qlora_cli.demo.pretrain`. It was pretrained on CPU:
+offline for the `qlora` demo by `python -m tools.pretrain`. It was pretrained on CPU:
 
 {done}
 
@@ -245,11 +190,11 @@ So it can copy words, knows the alpaca frame, SQL and JSON syntax and what words
 "below" ask of a query, but cannot do the demo's `sql` and `json` tasks: a QLoRA adapter is what
 teaches them. Weights are stored in bfloat16; `pretraining.json` holds the figures above.
 
-Rebuild (data, then model; the step limits end each run before its time budget does, so the weights
+Rebuild from the repository root (data, then model; the step limits end each run before its time budget does, so the weights
 are reproducible; on a busy machine pass `--threads 1`, and a larger `--minutes` if a run hits it):
 
-    python -m qlora_cli.demo.world --out recipes/tiny
-    python -m qlora_cli.demo.pretrain --out recipes/tiny/base
+    python -m tools.world --out recipes/tiny
+    python -m tools.pretrain --out recipes/tiny/base
 """
 
 

@@ -1,6 +1,6 @@
 """What a padding-free packed batch costs the attention path: the mask each kernel is handed, and one forward.
 
-    python -m qlora_cli.bench_attention [--rows 8] [--length 2048] [--no-forward] [--json attention.json]
+    python -m benchmarks.bench_attention [--rows 8] [--length 2048] [--no-forward] [--json attention.json]
 
 Packed rows carry example boundaries only in position_ids. transformers turns them into a dense
 (tokens x tokens) boolean mask for sdpa (the old path) and into a BlockMask for flex attention (what
@@ -19,13 +19,13 @@ import argparse
 import json
 import os
 import random
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-BASE = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "base"
+from qlora_cli.recipe import TINY_BASE
+from qlora_cli.testing import run_in_fresh_process
+
 KERNELS = ("sdpa", "flex_attention")
 
 
@@ -73,7 +73,7 @@ def measure_mask(kernel: str, positions: list[int]) -> dict:
     from transformers import AutoConfig
     from transformers.masking_utils import create_causal_mask
 
-    config = AutoConfig.from_pretrained(BASE)
+    config = AutoConfig.from_pretrained(TINY_BASE)
     config._attn_implementation = kernel
     position_ids = torch.tensor([positions])
     embeds = torch.empty(1, len(positions), 1)  # only its shape, dtype and device are read
@@ -128,8 +128,8 @@ def measure_forward(kernel: str, rows: int, length: int) -> dict:
     from qlora_cli.model import load_model
     from qlora_cli.recipe import ModelSection
 
-    section = ModelSection(id=str(BASE), compute_dtype="float32", device="cpu", attn_implementation=kernel)
-    model = load_model(section, BASE, device=torch.device("cpu")).eval()
+    section = ModelSection(id=str(TINY_BASE), compute_dtype="float32", device="cpu", attn_implementation=kernel)
+    model = load_model(section, TINY_BASE, device=torch.device("cpu")).eval()
     positions = torch.tensor([packed_position_ids(rows, length)])
     input_ids = torch.randint(3, model.config.vocab_size, positions.shape, generator=torch.Generator().manual_seed(0))
     timings, growth = [], []
@@ -147,15 +147,18 @@ def mib(count: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m qlora_cli.bench_attention", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_attention", description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=8, help="packed rows per micro-batch")
     parser.add_argument("--length", type=int, default=2048, help="tokens per packed row")
     parser.add_argument("--no-forward", action="store_true", help="weigh the masks only; skip the tiny-model forwards")
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("--forward-only", choices=KERNELS, help=argparse.SUPPRESS)  # the child process
+    parser.add_argument(  # the child process
+        "--forward-only", nargs=2, metavar=("KERNEL", "RESULT"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.forward_only:
-        print(json.dumps(measure_forward(args.forward_only, args.rows, args.length)))
+        kernel, result = args.forward_only
+        Path(result).write_text(json.dumps(measure_forward(kernel, args.rows, args.length)))
         return
 
     # Empty inductor caches, here and one per child, so that flex's first calls show the compile a new machine pays.
@@ -180,20 +183,16 @@ def main() -> None:
         print("\none forward of the tiny base (4-bit NF4, fp32 compute), fresh process per kernel")
         print(f"{'kernel':<16} {'1st call':>9} {'peak RSS growth':>16} {'2nd call':>9} {'peak RSS growth':>16}")
         for kernel in KERNELS:
-            command = [
-                sys.executable,
-                "-m",
-                "qlora_cli.bench_attention",
-                "--forward-only",
-                kernel,
+            row = run_in_fresh_process(
+                "benchmarks.bench_attention",
                 "--rows",
                 str(args.rows),
                 "--length",
                 str(args.length),
-            ]
-            environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(caches.name, kernel)}
-            done = subprocess.run(command, check=True, capture_output=True, text=True, env=environment)
-            row = json.loads(done.stdout.strip().splitlines()[-1])
+                "--forward-only",
+                kernel,
+                environment={"TORCHINDUCTOR_CACHE_DIR": os.path.join(caches.name, kernel)},
+            )
             results["forwards"].append(row)
             (first, second), (first_peak, second_peak) = row["forward_seconds"], row["peak_rss_growth_bytes"]
             print(f"{kernel:<16} {first:>8.2f}s {mib(first_peak):>16} {second:>8.2f}s {mib(second_peak):>16}")

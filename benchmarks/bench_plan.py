@@ -1,15 +1,15 @@
 """Memory check: `qlora plan`'s predicted peak against torch.cuda.max_memory_allocated, and the report of a GPU run.
 
-    python -m qlora_cli.bench_plan measure --json plan.json        # three configurations, Mistral-7B shape, CUDA
-    python -m qlora_cli.bench_plan measure --shape small           # the same code path on a small shape (CPU too)
-    python -m qlora_cli.bench_plan report WORK --out gpu-check     # BENCHMARKS.md + gpu-check.json from WORK's parts
+    python -m benchmarks.bench_plan measure --json plan.json        # three configurations, Mistral-7B shape, CUDA
+    python -m benchmarks.bench_plan measure --shape small           # the same code path on a small shape (CPU too)
+    python -m benchmarks.bench_plan report WORK --out gpu-check     # BENCHMARKS.md + gpu-check.json from WORK's parts
 
 measure: a Mistral-shaped base with random weights (no download) is saved once as bf16 safetensors. Each
 configuration then runs in its own fresh process through the stages `qlora train` uses: model.load_model
 (4-bit NF4, double quantization), lora.attach_lora, train.sft_config and train.CheckpointingTrainer, for a few
 optimizer steps on rows of exactly max_length tokens, so that every micro-batch holds batch_size x max_length
 tokens: what plan assumes (packing fills every row). The peak of torch.cuda.max_memory_allocated from the end
-of loading to the last step is compared with plan.predicted_max_allocated: plan.run's estimate less the CUDA
+of loading to the last step is compared with memory.predicted_max_allocated: plan.run's estimate less the CUDA
 context, the allocator's slack and bitsandbytes' paged optimizer state, none of which torch's allocator counts.
 
 report: scripts/gpu-check.sh runs each step with its output in WORK/<step>.log and one line per step in
@@ -40,7 +40,8 @@ import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-from qlora_cli.bench import library_versions
+from benchmarks.bench import TokenCounter, paged_optimizer_bytes
+from qlora_cli.testing import build_base, library_versions, run_in_fresh_process, save_base_config
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +56,13 @@ SHAPES = {
     "mistral7b": {"config": {}, "max_length": None},
     "small": {
         "config": {
-            "vocab_size": 1024,
-            "hidden_size": 256,
-            "intermediate_size": 640,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 1024,
+            "vocab": 1024,
+            "hidden": 256,
+            "intermediate": 640,
+            "layers": 4,
+            "heads": 4,
+            "kv_heads": 2,
+            "max_positions": 1024,
         },
         "max_length": 128,
     },
@@ -152,47 +153,29 @@ def recipe_for(configuration: Configuration, base_dir: str, device: str, work_di
 def predict(recipe) -> dict:
     """plan.run's figures for a recipe, from its config.json alone (no torch)."""
     from qlora_cli import plan
+    from qlora_cli.memory import predicted_max_allocated
 
     result = plan.run(recipe, gpu_memory_gb=None, tokens_per_second=None, dataset_tokens=None)
     return {
-        "predicted_bytes": plan.predicted_max_allocated(result.estimate),
+        "predicted_bytes": predicted_max_allocated(result.estimate),
         "predicted_total_bytes": result.estimate.total,
         "tokens_per_micro_batch": result.estimate.tokens_per_micro_batch,
-        "components": {name: size for name, size, _ in result.estimate.rows()},
+        "components": {name: size for name, size, _ in plan.breakdown(result.estimate)},
     }
 
 
 def write_config(shape: str, base_dir: Path) -> dict:
     """The shape's config.json and a tokenizer, without weights: enough for plan (and for a test on CPU)."""
-    from transformers import MistralConfig
-
-    from qlora_cli.demo.pretrain import build_tokenizer
-
-    tokenizer = build_tokenizer([])  # only its special tokens matter: the data is token ids already
-    config = MistralConfig(
-        **SHAPES[shape]["config"], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
-    )
-    base_dir.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
-    return config.to_dict()
+    return save_base_config(base_dir, **SHAPES[shape]["config"])
 
 
-def build_base(shape: str, device: str, base_dir: Path) -> None:
+def save_base(shape: str, device: str, base_dir: Path) -> None:
     """Random bf16 weights of the shape saved as safetensors beside the config (no download)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    write_config(shape, base_dir)
-    config = AutoConfig.from_pretrained(base_dir)
-    torch.manual_seed(SEED)
-    with torch.device(device):  # 7 B parameters initialise in seconds on a GPU, minutes on CPU cores
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(base_dir)
+    model = build_base(base_dir, seed=SEED, device=device, **SHAPES[shape]["config"])
     del model
     if device == "cuda":
+        import torch
+
         torch.cuda.empty_cache()
 
 
@@ -249,31 +232,6 @@ def memory_recorder(cuda: bool, last_step: int):
     return MemoryRecorder()
 
 
-class TokenCounter:
-    """Wraps the trainer's collator and records the tokens of each micro-batch it builds."""
-
-    def __init__(self, collator):
-        self.collator = collator
-        self.tokens: list[int] = []
-
-    def __call__(self, examples):
-        batch = self.collator(examples)
-        self.tokens.append(int(batch["input_ids"].numel()))
-        return batch
-
-
-def paged_optimizer_bytes(optimizer) -> int:
-    """bitsandbytes' paged optimizer state: CUDA managed memory, outside torch's allocator."""
-    import torch
-
-    return sum(
-        value.nbytes
-        for state in optimizer.state.values()
-        for value in state.values()
-        if isinstance(value, torch.Tensor) and getattr(value, "is_paged", False)
-    )
-
-
 def measure(recipe_data: dict) -> dict:
     """Runs in a fresh process: load the base in 4-bit, attach LoRA, train STEPS steps; the allocator's peaks."""
     import datasets
@@ -303,9 +261,12 @@ def measure(recipe_data: dict) -> dict:
     set_seed(recipe.train.seed)
     model = attach_lora(model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing)
     trainer = CheckpointingTrainer(
-        model=model, args=sft_config(recipe, use_cpu=not cuda), train_dataset=dataset, processing_class=tokenizer
+        model=model,
+        args=sft_config(recipe, use_cpu=not cuda),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        save_limit=recipe.train.save_limit,
     )
-    trainer.qlora_save_limit = recipe.train.save_limit
     counter = TokenCounter(trainer.data_collator)
     trainer.data_collator = counter
     recorder = memory_recorder(cuda, STEPS)
@@ -329,7 +290,7 @@ def measure(recipe_data: dict) -> dict:
         "step_peak_bytes": recorder.step_peaks,
         "reserved_peak_bytes": max(recorder.reserved_peaks) if recorder.reserved_peaks else None,
         "paged_optimizer_bytes": paged_optimizer_bytes(trainer.optimizer) if cuda else None,
-        "tokens_per_step": counter.tokens[:STEPS],
+        "tokens_per_step": [batch.computed for batch in counter.batches[:STEPS]],
         "losses": losses,
         "steps": trainer.state.global_step,
         "liger_kernel": bool(trainer.args.use_liger_kernel),
@@ -341,13 +302,12 @@ def measure(recipe_data: dict) -> dict:
 
 def measure_in_fresh_process(recipe, work_dir: Path, index: int) -> dict:
     """One configuration in its own process, so that its peak and its caches are its own."""
-    spec, result = work_dir / f"config-{index}.json", work_dir / f"result-{index}.json"
+    spec = work_dir / f"config-{index}.json"
     spec.write_text(json.dumps(recipe.model_dump(mode="json")))
-    command = [sys.executable, "-m", "qlora_cli.bench_plan", "worker", str(spec), str(result)]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
-    if completed.returncode != 0:
-        return {"error": f"exit {completed.returncode}: {(completed.stdout + completed.stderr)[-3000:]}"}
-    return json.loads(result.read_text())
+    try:
+        return run_in_fresh_process("benchmarks.bench_plan", "worker", str(spec))
+    except RuntimeError as error:
+        return {"error": str(error)[-3000:]}
 
 
 def compare(row: dict) -> dict:
@@ -370,7 +330,7 @@ def run_measure(shape: str, device: str, json_path: Path | None = None) -> dict:
         "steps": STEPS,
         "target_error": TARGET_ERROR,
         "base_build_seconds": None,
-        "command": f"python -m qlora_cli.bench_plan measure --shape {shape}",
+        "command": f"python -m benchmarks.bench_plan measure --shape {shape}",
         "rows": rows,
     }
     with tempfile.TemporaryDirectory(
@@ -379,7 +339,7 @@ def run_measure(shape: str, device: str, json_path: Path | None = None) -> dict:
         base_dir = Path(scratch) / "base"
         log.info("building a random %s base in %s", shape, base_dir)
         started = time.perf_counter()
-        build_base(shape, device, base_dir)
+        save_base(shape, device, base_dir)
         report["base_build_seconds"] = round(time.perf_counter() - started, 1)
         for index, configuration in enumerate(configurations(shape)):
             work_dir = Path(scratch) / f"work-{index}"
@@ -636,7 +596,7 @@ def benchmark_targets(benchmark: dict | None) -> list[dict]:
     if not benchmark or benchmark.get("device") != "cuda":
         return []
     try:
-        from qlora_cli.bench import targets
+        from benchmarks.bench import targets
     except ImportError:
         return []
     try:
@@ -720,7 +680,7 @@ def render_report(report: dict, bench_markdown: str | None) -> str:
             f"The {plan_report['shape']} Mistral shape with random weights, 4-bit NF4 with double quantization, LoRA on every "
             f"linear layer, paged AdamW 32-bit, packing; {plan_report['steps']} optimizer steps per configuration, each in a fresh "
             "process, through qlora's own load_model, attach_lora, sft_config and CheckpointingTrainer. Predicted: "
-            "`plan.predicted_max_allocated` (plan's total less the CUDA context, the allocator's slack and the paged optimizer "
+            "`memory.predicted_max_allocated` (plan's total less the CUDA context, the allocator's slack and the paged optimizer "
             "state, which torch's allocator does not count). Measured: the largest per-step `torch.cuda.max_memory_allocated` "
             "after loading; the load's own peak, the allocator's reserved peak and the paged optimizer state are shown beside it.",
             "",
@@ -761,7 +721,7 @@ def run_report(work: Path, out: Path, command: str, budget_seconds: int | None) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qlora_cli.bench_plan", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_plan", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     measure_parser = commands.add_parser("measure", help="predict and measure peak memory for three configurations")
     measure_parser.add_argument(

@@ -1,6 +1,6 @@
 """Benchmark: data preparation speed, from an alpaca JSONL file to packed training rows.
 
-    python -m qlora_cli.bench_data [--rows 50000] [--max-length 2048] [--json out.json]
+    python -m benchmarks.bench_data [--rows 50000] [--max-length 2048] [--json out.json]
 
 Writes a synthetic alpaca-format file (seeded English-like text, alpaca-like lengths) to a temporary
 folder, then times the two passes every `qlora train` run makes before its first step:
@@ -31,10 +31,10 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from qlora_cli.recipe import TINY_BASE
+
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_BASE = REPO / "recipes" / "tiny" / "base"
 
 # Common English words, most frequent first: sampled with Zipf weights (1/rank) so that text has
 # natural-language token statistics (a few very common words, a long tail) rather than uniform noise.
@@ -107,11 +107,11 @@ def load_benchmark_tokenizer():
     """The tiny base's tokenizer, else a word-level one over WORDS and the template; and which it is."""
     from transformers import AutoTokenizer
 
-    from qlora_cli.demo.pretrain import build_tokenizer
     from qlora_cli.prompts import render_prompt
+    from qlora_cli.testing import build_tokenizer
 
     if (TINY_BASE / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(TINY_BASE), f"tiny base word-level ({TINY_BASE.relative_to(REPO)})"
+        return AutoTokenizer.from_pretrained(TINY_BASE), f"tiny base word-level ({TINY_BASE})"
     texts = [" ".join(WORDS), " ".join(WORDS).capitalize(), render_prompt("x", "y"), render_prompt("x")]
     tokenizer = build_tokenizer(texts)
     return tokenizer, f"word-level built here ({len(tokenizer)} tokens; recipes/tiny/base not found)"
@@ -187,7 +187,7 @@ def render(result: dict) -> Table:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m qlora_cli.bench_data", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_data", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--rows", type=int, default=50_000, help="alpaca rows to generate (default 50000, alpaca's size)"
     )

@@ -19,6 +19,7 @@ from transformers import (
 
 from qlora_cli.errors import QloraError
 from qlora_cli.recipe import ModelSection, is_local
+from qlora_cli.safetensors_io import read_header
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +99,12 @@ def fingerprint_weights(model_dir: Path) -> str:
     16 evenly spaced 64 KiB samples of its data. Same-shaped bases with different weights differ."""
     digest = hashlib.sha256()
     for shard in weight_files(model_dir):
-        size = shard.stat().st_size
+        header = read_header(shard)
+        digest.update(header.raw)
+        data_bytes = shard.stat().st_size - header.data_start
         with shard.open("rb") as handle:
-            header_len = int.from_bytes(handle.read(8), "little")
-            digest.update(handle.read(header_len))
             for index in range(16):
-                handle.seek(8 + header_len + (size - 8 - header_len) * index // 16)
+                handle.seek(header.data_start + data_bytes * index // 16)
                 digest.update(handle.read(65536))
     return "sha256:" + digest.hexdigest()[:32]
 

@@ -2,24 +2,128 @@
 
 An adapter directory is plain peft output (adapter_config.json + adapter_model.safetensors) plus the
 tokenizer, the resolved `recipe.yaml` and `qlora.json`: base model id and weight fingerprint,
-template, metrics and library versions. `generate` and `merge` need nothing else.
+template, metrics and library versions. `generate`, `eval` and `merge` need nothing else, and read
+`qlora.json` through one type, `AdapterRecord`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from rich.table import Table
+from rich.text import Text
 
 from qlora_cli.errors import QloraError
 from qlora_cli.files import MARKER
-from qlora_cli.recipe import ADAPTER_NAME
+from qlora_cli.prompts import DEFAULT_TASK, DEFAULT_TEMPLATE
+from qlora_cli.recipe import ADAPTER_NAME, ModelSection
 
 HOME_ENV = "QLORA_ADAPTERS_DIR"
 DEFAULT_HOME = "adapters"  # relative to the working directory, like the runs/ folder beside it
 VERSIONED = ("qlora", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate")
+
+
+class _Record(BaseModel):
+    # Read back from disk, not typed by a user: keys a later qlora adds are kept, not refused.
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class BaseRecord(_Record):
+    """The base an adapter was trained on (model.base_model_record writes it)."""
+
+    id: str | None = None
+    revision: str | None = None
+    fingerprint: str | None = None
+    architecture: str | None = None
+
+
+class LoraRecord(_Record):
+    r: int | None = None
+    alpha: int | float | None = None
+    target_modules: str | list[str] | None = None
+
+
+class DataRecord(_Record):
+    path: str | None = None
+    examples: int | None = None
+
+
+class AdapterRecord(_Record):
+    """`qlora.json` of an adapter directory, as train.export_adapter writes it.
+
+    Fields keep the order of the file, so that `adapters show` prints the record as written. A folder
+    without the file (an adapter trained by plain peft) reads as an alpaca forward-task adapter on
+    the base its adapter_config.json names."""
+
+    folder: Path = Field(exclude=True)
+    name: str
+    base: BaseRecord = BaseRecord()
+    template: Literal["alpaca"] = DEFAULT_TEMPLATE
+    task: Literal["forward", "reverse"] = DEFAULT_TASK
+    lora: LoraRecord = LoraRecord()
+    data: DataRecord = DataRecord()
+    metrics: dict[str, int | float | str] = {}  # peak_memory is a sentence
+    created: str | None = None
+    versions: dict[str, str] = {}
+
+    @classmethod
+    def load(cls, folder: Path) -> AdapterRecord:
+        marker = folder / MARKER
+        if not marker.is_file():
+            return cls(folder=folder, name=folder.name, base=BaseRecord(), template=DEFAULT_TEMPLATE, task=DEFAULT_TASK)
+        try:
+            fields = json.loads(marker.read_text())
+            if not isinstance(fields, dict):
+                raise ValueError(f"a JSON {type(fields).__name__}, not an object")
+            return cls.model_validate({"name": folder.name, **fields, "folder": folder})
+        except (ValueError, ValidationError) as error:  # JSONDecodeError is a ValueError
+            raise QloraError(
+                f"{marker}: not a readable adapter record ({str(error).splitlines()[0]}); "
+                f"train the adapter again, or remove {MARKER} to load it as a plain peft adapter"
+            ) from None
+
+    def as_written(self) -> dict:
+        """The record's fields as stored in `qlora.json` (for a folder without one: what it reads as)."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+    def base_section(self, override: str | None = None) -> ModelSection:
+        """How to load the base: the model section of the adapter's recipe.yaml (or, without one, the
+        base peft recorded), with `override` (--base) replacing the id. A local base is made absolute."""
+        recipe_path = self.folder / "recipe.yaml"
+        recipe = (yaml.safe_load(recipe_path.read_text()) or {}) if recipe_path.is_file() else {}
+        section = dict(recipe.get("model") or {})
+        if not section:
+            peft_config = json.loads((self.folder / "adapter_config.json").read_text())
+            section = {"id": peft_config["base_model_name_or_path"]}
+        if override:
+            section["id"] = override
+        if Path(section["id"]).exists():
+            section["id"] = str(Path(section["id"]).resolve())
+        return ModelSection.model_validate(section)
+
+    def check_base(self, base_id: str, fingerprint: str, *, allow_mismatch: bool = False) -> None:
+        """Refuse a base whose weights differ from the ones the adapter was trained on."""
+        recorded = self.base.fingerprint
+        if recorded and recorded != fingerprint and not allow_mismatch:
+            raise QloraError(
+                f"adapter {self.name!r} was trained on {self.base.id} ({recorded}), but the base being loaded is "
+                f"{base_id} ({fingerprint}); pass --allow-base-mismatch if you know they are the same model"
+            )
+
+
+def check_one_base(records: list[AdapterRecord]) -> None:
+    """Adapters loaded side by side share one base: refuse a set trained on different ones."""
+    if len({record.base.fingerprint for record in records} - {None}) > 1:
+        listing = ", ".join(f"{record.name} ({record.base.id})" for record in records)
+        raise QloraError(f"these adapters were trained on different bases and cannot share one: {listing}")
 
 
 def adapters_home(override: str | Path | None = None) -> Path:
@@ -58,13 +162,6 @@ def list_adapter_dirs(home: str | Path | None = None) -> list[Path]:
     )
 
 
-def read_metadata(adapter_dir: Path) -> dict:
-    marker = adapter_dir / MARKER
-    if not marker.is_file():
-        return {"name": adapter_dir.name, "base": {}, "template": "alpaca", "task": "forward"}
-    return json.loads(marker.read_text())
-
-
 def library_versions() -> dict[str, str]:
     found = {}
     for package in VERSIONED:
@@ -86,3 +183,71 @@ def write_metadata(folder: Path, **fields) -> None:
 
 def directory_size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+@dataclass(frozen=True)
+class ListedAdapter:
+    record: AdapterRecord
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Command `adapters list`: every adapter in the home, with its record."""
+
+    home: Path
+    adapters: tuple[ListedAdapter, ...]
+
+
+def run_list(home: str | Path | None = None) -> Listing:
+    found = list_adapter_dirs(home)
+    return Listing(
+        adapters_home(home),
+        tuple(ListedAdapter(AdapterRecord.load(folder), directory_size(folder)) for folder in found),
+    )
+
+
+def render_list(listing: Listing) -> Table | Text:
+    if not listing.adapters:
+        return Text(f"no adapters in {listing.home} (qlora train writes them there)")
+    table = Table(title=f"adapters in {listing.home}")
+    for column in ("name", "base", "r", "targets", "data", "train loss", "eval loss", "size", "created"):
+        # The columns people act on stay whole; the rest wrap in narrow terminals.
+        table.add_column(column, no_wrap=column in ("name", "targets", "r", "size"))
+    for listed in listing.adapters:
+        record = listed.record
+        base = record.base.id or "?"
+        targets = record.lora.target_modules or "?"
+        table.add_row(
+            record.folder.name,
+            Path(base).name if Path(base).is_absolute() else base,
+            str(record.lora.r or "?"),
+            targets if isinstance(targets, str) else ",".join(targets),
+            Path(record.data.path or "?").name,
+            str(record.metrics.get("train_loss", "-")),
+            str(record.metrics.get("eval_loss", "-")),
+            f"{listed.size_bytes / 2**20:.1f} MiB",
+            (record.created or "?")[:16].replace("T", " "),
+        )
+    return table
+
+
+@dataclass(frozen=True)
+class Shown:
+    """Command `adapters show`: one adapter's record and the recipe that made it."""
+
+    record: AdapterRecord
+    recipe: str | None
+
+
+def run_show(name: str, home: str | Path | None = None) -> Shown:
+    folder = find_adapter(name, home)
+    recipe = folder / "recipe.yaml"
+    return Shown(AdapterRecord.load(folder), recipe.read_text() if recipe.is_file() else None)
+
+
+def render_show(shown: Shown) -> str:
+    text = f"# {shown.record.folder}\n{json.dumps(shown.record.as_written(), indent=2)}\n"
+    if shown.recipe is not None:
+        text += f"\n# recipe.yaml\n{shown.recipe}\n"
+    return text

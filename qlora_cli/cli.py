@@ -1,4 +1,4 @@
-"""Command line: parse, load the recipe, call one run(), turn user errors into exit code 1.
+"""Command line: parse, call one run(), render its result, turn user errors into exit codes.
 
 No ML code here, and nothing heavy at import time: torch and friends are imported inside the
 commands that need them, so `qlora --help` and `qlora validate` answer at once.
@@ -10,11 +10,13 @@ import logging
 import os
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from qlora_cli.errors import QloraError
+from qlora_cli.errors import ExitCode, QloraError
 
 app = typer.Typer(
     help="Fine-tune large language models with QLoRA: 4-bit base, small LoRA adapters.",
@@ -24,11 +26,16 @@ app = typer.Typer(
 )
 log = logging.getLogger("qlora_cli")
 
-RecipeArg = typer.Argument(..., help="Recipe YAML file, e.g. recipes/tiny-sql.yaml.", show_default=False)
-SetOpt = typer.Option([], "--set", help="Override one recipe key: --set lora.r=16 (repeatable).")
-AdaptersDirOpt = typer.Option(
-    None, "--adapters-dir", help="Adapters home (default: $QLORA_ADAPTERS_DIR or ./adapters)."
-)
+RecipeArg = Annotated[str, typer.Argument(help="Recipe YAML file, e.g. recipes/tiny-sql.yaml.", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override one recipe key: --set lora.r=16 (repeatable).")
+]
+AdaptersDirOpt = Annotated[
+    str | None, typer.Option("--adapters-dir", help="Adapters home (default: $QLORA_ADAPTERS_DIR or ./adapters).")
+]
+BaseOpt = Annotated[
+    str | None, typer.Option("--base", help="Base model id or folder (default: the one the adapter recorded).")
+]
 
 
 def _quiet_libraries() -> None:
@@ -54,7 +61,7 @@ def _quiet_libraries() -> None:
 
 @app.callback()
 def _setup(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logs and library warnings."),
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs and library warnings.")] = False,
 ) -> None:
     from rich.logging import RichHandler
 
@@ -72,198 +79,213 @@ def _stderr():
     return Console(stderr=True, soft_wrap=True)
 
 
+def _print(renderable) -> None:
+    """A command's rendered result on stdout: tables fit the terminal, lines of text are never broken."""
+    from rich.console import Console
+    from rich.text import Text
+
+    Console().print(renderable, soft_wrap=isinstance(renderable, Text))
+
+
 @app.command()
-def validate(recipe: str = RecipeArg, overrides: list[str] = SetOpt) -> None:
+def validate(recipe: RecipeArg, overrides: SetOpt = None) -> None:
     """Check a recipe without loading any weights."""
     from qlora_cli.recipe import load_recipe
 
-    loaded = load_recipe(recipe, overrides)
+    loaded = load_recipe(recipe, overrides or [])
     typer.echo(f"{recipe}: OK (adapter {loaded.lora.name!r}, model {loaded.model.id})")
 
 
 @app.command()
 def train(
-    recipe: str = RecipeArg,
-    overrides: list[str] = SetOpt,
-    dry_run: bool = typer.Option(
-        False,
-        "--dry-run",
-        help="Show the resolved recipe, one example with its loss mask and the parameter count; train nothing.",
-    ),
-    force: bool = typer.Option(
-        False,
-        "--force",
-        help="Replace an existing adapter and run folder made by qlora (with --resume: accept a changed recipe).",
-    ),
-    resume: bool = typer.Option(
-        False, "--resume", help="Continue an interrupted run from its newest complete checkpoint."
-    ),
-    adapters_dir: str | None = AdaptersDirOpt,
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Show the resolved recipe, one example with its loss mask and the parameter count; train nothing.",
+        ),
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace an existing adapter and run folder made by qlora (with --resume: accept a changed recipe).",
+        ),
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted run from its newest complete checkpoint.")
+    ] = False,
+    adapters_dir: AdaptersDirOpt = None,
 ) -> None:
     """Fine-tune a LoRA adapter on a 4-bit base, as the recipe says."""
     from qlora_cli.recipe import load_recipe
 
-    loaded = load_recipe(recipe, overrides)
+    loaded = load_recipe(recipe, overrides or [])
     from qlora_cli import train as train_stage
 
     train_stage.run(loaded, adapters_dir=adapters_dir, force=force, resume=resume, dry_run=dry_run)
 
 
 @app.command()
-def doctor(recipe: str | None = typer.Argument(None, help="Also check disk room for this recipe's model.")) -> None:
+def doctor(
+    recipe: Annotated[str | None, typer.Argument(help="Also check disk room for this recipe's model.")] = None,
+) -> None:
     """Check Python, torch and CUDA, the GPU, bitsandbytes, disk and the hub, before downloading anything."""
     from qlora_cli import doctor as doctor_stage
     from qlora_cli.recipe import load_recipe
 
-    checks = doctor_stage.run(load_recipe(recipe) if recipe else None)
-    marks = {True: ("OK  ", "green"), None: ("WARN", "yellow"), False: ("FAIL", "red")}
-    for check in checks:
-        mark, color = marks[check.ok]
-        typer.echo(typer.style(mark, fg=color) + f" {check.name:<13} {check.detail}")
-    if any(check.ok is False for check in checks):
+    diagnosis = doctor_stage.run(load_recipe(recipe) if recipe else None)
+    _print(doctor_stage.render(diagnosis))
+    if diagnosis.failed:
         raise typer.Exit(1)
 
 
 @app.command()
 def plan(
-    recipe: str = RecipeArg,
-    overrides: list[str] = SetOpt,
-    gpu_memory: float | None = typer.Option(None, "--gpu-memory", help="GPU memory to fit in, GB (e.g. 24)."),
-    tokens_per_second: float | None = typer.Option(
-        None, "--tokens-per-second", help="Measured training throughput, for the epoch time."
-    ),
-    dataset_tokens: int | None = typer.Option(
-        None, "--dataset-tokens", help="Tokens in one epoch of the data, for the epoch time."
-    ),
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    gpu_memory: Annotated[
+        float | None, typer.Option("--gpu-memory", help="GPU memory to fit in, GB (e.g. 24).")
+    ] = None,
+    tokens_per_second: Annotated[
+        float | None, typer.Option("--tokens-per-second", help="Measured training throughput, for the epoch time.")
+    ] = None,
+    dataset_tokens: Annotated[
+        int | None, typer.Option("--dataset-tokens", help="Tokens in one epoch of the data, for the epoch time.")
+    ] = None,
 ) -> None:
     """Predict peak GPU memory and time per epoch from the model's config alone (no torch, no weights)."""
-    from rich.console import Console
-
     from qlora_cli import plan as plan_stage
     from qlora_cli.recipe import load_recipe
 
     result = plan_stage.run(
-        load_recipe(recipe, overrides),
+        load_recipe(recipe, overrides or []),
         gpu_memory_gb=gpu_memory,
         tokens_per_second=tokens_per_second,
         dataset_tokens=dataset_tokens,
     )
-    Console().print(plan_stage.render(result))
+    _print(plan_stage.render(result))
     if result.fits is False:
-        raise typer.Exit(2)
+        raise typer.Exit(ExitCode.DOES_NOT_FIT)
 
 
 @app.command()
 def generate(
-    prompt: str | None = typer.Argument(None, help="The instruction to answer (omit with --prompts or --chat)."),
-    input_text: str = typer.Option("", "--input", help="Optional context for the instruction (alpaca's input field)."),
-    adapter: list[str] = typer.Option(
-        [], "--adapter", "-a", help="Adapter name or folder; repeat for several; 'none' is the base alone."
-    ),
-    mix: str | None = typer.Option(None, "--mix", help="Weighted combination, e.g. sql=0.7,json=0.3."),
-    compare: bool = typer.Option(False, "--compare", help="Answer with the base and every adapter, side by side."),
-    prompts: Path | None = typer.Option(
-        None, "--prompts", help="JSONL of {instruction, input?, adapter?} rows: batch mode."
-    ),
-    out: Path | None = typer.Option(None, "--out", help="Batch mode: write JSONL results here (default: stdout)."),
-    chat: bool = typer.Option(False, "--chat", help="Interactive: type instructions, read answers; empty line quits."),
-    max_new_tokens: int = typer.Option(128, min=1),
-    temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy decoding."),
-    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
-    seed: int = typer.Option(0),
-    base: str | None = typer.Option(
-        None, "--base", help="Base model id or folder (default: the one the adapter recorded)."
-    ),
-    allow_base_mismatch: bool = typer.Option(
-        False, "--allow-base-mismatch", help="Load adapters on a base whose weights differ from the recorded one."
-    ),
-    adapters_dir: str | None = AdaptersDirOpt,
+    prompt: Annotated[
+        str | None, typer.Argument(help="The instruction to answer (omit with --prompts or --chat).")
+    ] = None,
+    input_text: Annotated[
+        str, typer.Option("--input", help="Optional context for the instruction (alpaca's input field).")
+    ] = "",
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option("--adapter", "-a", help="Adapter name or folder; repeat for several; 'none' is the base alone."),
+    ] = None,
+    mix: Annotated[str | None, typer.Option("--mix", help="Weighted combination, e.g. sql=0.7,json=0.3.")] = None,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Answer with the base and every adapter, side by side.")
+    ] = False,
+    prompts: Annotated[
+        Path | None, typer.Option("--prompts", help="JSONL of {instruction, input?, adapter?} rows: batch mode.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Batch mode: write JSONL results here (default: stdout).")
+    ] = None,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="Interactive: type instructions, read answers; empty line quits.")
+    ] = False,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy decoding.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    base: BaseOpt = None,
+    allow_base_mismatch: Annotated[
+        bool,
+        typer.Option(
+            "--allow-base-mismatch", help="Load adapters on a base whose weights differ from the recorded one."
+        ),
+    ] = False,
+    adapters_dir: AdaptersDirOpt = None,
 ) -> None:
     """Generate with one adapter, several, a weighted mix, or none."""
+    adapter = adapter or []
     if sum(bool(mode) for mode in (prompt, prompts, chat)) != 1:
         raise QloraError("give exactly one of: a PROMPT argument, --prompts FILE, or --chat")
     if not adapter and not mix:
         raise QloraError(
             "name an adapter with --adapter NAME (or --adapter none for the base alone); `qlora adapters list` shows them"
         )
-    from qlora_cli.generate import BASE, MIX, Sampling, open_session, parse_mix, read_prompts
+    from qlora_cli import generate as generate_stage
 
-    weights = parse_mix(mix) if mix else None
-    rows = read_prompts(prompts) if prompts else None
-    session = open_session(adapter, mix=weights, base=base, home=adapters_dir, allow_base_mismatch=allow_base_mismatch)
-    targets = [MIX] if weights else [name for name in dict.fromkeys(adapter)]
-    targets = [name if name == BASE else session.names[session.names.index(Path(name).name)] for name in targets]
-    if compare:
-        targets = [BASE, *[name for name in targets if name != BASE]]
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    rows = generate_stage.read_prompts(prompts) if prompts else None  # a bad file is named before any weights load
+    session, targets = generate_stage.open_targets(
+        adapter, mix=mix, compare=compare, base=base, home=adapters_dir, allow_base_mismatch=allow_base_mismatch
+    )
+    sampling = generate_stage.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if rows is not None:
-        _generate_batch(session, rows, targets, sampling, out)
+        batch = generate_stage.run_batch(session, rows, targets, sampling, out)
+        typer.echo(generate_stage.render_batch(batch), nl=False)
         return
-    while True:
-        instruction = prompt if not chat else typer.prompt("you", default="", show_default=False)
-        if not instruction.strip():
-            return
-        for name in targets:
-            if len(targets) > 1:
-                typer.secho(f"── {name} ──", fg="cyan", err=False)
-            for piece in session.stream({"instruction": instruction, "input": input_text}, name, sampling):
-                typer.echo(piece, nl=False)
-            typer.echo()
-        if not chat:
-            return
-
-
-def _generate_batch(session, rows: list[dict], targets: list[str], sampling, out: Path | None) -> None:
-    import json
-
-    results = []
-    for name in targets:
-        chosen = [row for row in rows if row.get("adapter", name) == name]
-        for row, answer in zip(chosen, session.ask(chosen, name, sampling)):
-            results.append({**row, "adapter": name, "output": answer})
-    lines = "".join(json.dumps(result, ensure_ascii=False) + "\n" for result in results)
-    if out is None:
-        typer.echo(lines, nl=False)
-    else:
-        out.write_text(lines)
-        log.info("%d answers written to %s", len(results), out)
+    instructions = iter(partial(typer.prompt, "you", default="", show_default=False), None) if chat else [prompt]
+    generate_stage.converse(
+        session,
+        targets,
+        instructions,
+        input_text,
+        sampling,
+        show=partial(typer.echo, nl=False),
+        show_heading=partial(typer.secho, fg="cyan"),
+    )
 
 
 @app.command()
 def merge(
-    adapter: str = typer.Option(..., "--adapter", "-a", help="Adapter name or folder to merge."),
-    out: Path = typer.Option(
-        ..., "--out", help="Folder for the standalone merged model (must not exist unless --force)."
-    ),
-    source: str = typer.Option(
-        "nf4",
-        "--from",
-        help="'nf4': merge into the dequantized 4-bit weights the adapter was trained on; 'original': into the 16-bit weights.",
-    ),
-    dtype: str | None = typer.Option(
-        None, "--dtype", help="Output dtype: bfloat16, float16 or float32 (default: the recipe's compute dtype)."
-    ),
-    base: str | None = typer.Option(
-        None, "--base", help="Base model id or folder (default: the one the adapter recorded)."
-    ),
-    force: bool = typer.Option(False, "--force", help="Replace an existing merged model made by qlora."),
-    allow_base_mismatch: bool = typer.Option(
-        False, "--allow-base-mismatch", help="Merge into a base whose weights differ from the recorded one."
-    ),
-    verify: bool = typer.Option(
-        True, "--verify/--no-verify", help="Compare the merged model's logits with base+adapter before finishing."
-    ),
-    tolerance: float | None = typer.Option(
-        None, "--tolerance", help="Largest logit difference allowed, relative to the largest logit (default by dtype)."
-    ),
-    adapters_dir: str | None = AdaptersDirOpt,
+    adapter: Annotated[str, typer.Option("--adapter", "-a", help="Adapter name or folder to merge.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for the standalone merged model (must not exist unless --force).")
+    ],
+    source: Annotated[
+        str,
+        typer.Option(
+            "--from",
+            help="'nf4': merge into the dequantized 4-bit weights the adapter was trained on; 'original': into the 16-bit weights.",
+        ),
+    ] = "nf4",
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype", help="Output dtype: bfloat16, float16 or float32 (default: the recipe's compute dtype)."
+        ),
+    ] = None,
+    base: BaseOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing merged model made by qlora.")] = False,
+    allow_base_mismatch: Annotated[
+        bool,
+        typer.Option("--allow-base-mismatch", help="Merge into a base whose weights differ from the recorded one."),
+    ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify/--no-verify", help="Compare the merged model's logits with base+adapter before finishing."
+        ),
+    ] = True,
+    tolerance: Annotated[
+        float | None,
+        typer.Option(
+            "--tolerance",
+            help="Largest logit difference allowed, relative to the largest logit (default by dtype).",
+        ),
+    ] = None,
+    adapters_dir: AdaptersDirOpt = None,
 ) -> None:
     """Merge an adapter into its base: one standalone model, streamed shard by shard, verified."""
     if source not in ("nf4", "original"):
         raise QloraError(f"--from {source!r}: use nf4 or original")
     from qlora_cli import merge as merge_stage
 
-    summary = merge_stage.run(
+    merged = merge_stage.run(
         adapter,
         out,
         source=source,
@@ -275,72 +297,50 @@ def merge(
         verify=verify,
         tolerance=tolerance,
     )
-    verified = (
-        f"NOT verified: {summary['unverified_reason']}"
-        if not summary["verified"]
-        else (
-            f"largest logit difference {summary['max_logit_diff']:.2e} ({100 * summary['relative_logit_diff']:.2f}% of the largest logit)"
-        )
-    )
-    typer.echo(
-        f"merged {adapter} into {summary['merged']} ({summary['source']} base, {summary['dtype']}, {summary['shards']} shard(s)); {verified}"
-    )
+    typer.echo(merge_stage.render(merged))
 
 
 @app.command(name="eval")
 def evaluate(
-    data: str = typer.Option(..., "--data", help="Held-out rows: a .jsonl/.json/.csv/.parquet file or a hub dataset."),
-    adapter: list[str] = typer.Option(
-        [], "--adapter", "-a", help="Adapter name or folder; repeat; 'none' is the base."
-    ),
-    mix: str | None = typer.Option(None, "--mix", help="Also evaluate a weighted combination, e.g. sql=0.5,json=0.5."),
-    max_rows: int | None = typer.Option(None, "--max-rows", min=1),
-    sql: bool = typer.Option(
-        False, "--sql", help="Also run generated and reference SQL on an in-memory SQLite database and compare results."
-    ),
-    out: Path | None = typer.Option(None, "--out", help="Write the results as JSON too."),
-    base: str | None = typer.Option(
-        None, "--base", help="Base model id or folder (default: the adapters' recorded base)."
-    ),
-    adapters_dir: str | None = AdaptersDirOpt,
+    data: Annotated[
+        str, typer.Option("--data", help="Held-out rows: a .jsonl/.json/.csv/.parquet file or a hub dataset.")
+    ],
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option("--adapter", "-a", help="Adapter name or folder; repeat; 'none' is the base."),
+    ] = None,
+    mix: Annotated[
+        str | None, typer.Option("--mix", help="Also evaluate a weighted combination, e.g. sql=0.5,json=0.5.")
+    ] = None,
+    max_rows: Annotated[int | None, typer.Option("--max-rows", min=1)] = None,
+    sql: Annotated[
+        bool,
+        typer.Option(
+            "--sql",
+            help="Also run generated and reference SQL on an in-memory SQLite database and compare results.",
+        ),
+    ] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the results as JSON too.")] = None,
+    base: Annotated[
+        str | None, typer.Option("--base", help="Base model id or folder (default: the adapters' recorded base).")
+    ] = None,
+    adapters_dir: AdaptersDirOpt = None,
 ) -> None:
     """Loss, perplexity and exact match of the base and adapters, side by side."""
+    adapter = adapter or []
     if not adapter and not mix:
         raise QloraError("name what to evaluate: --adapter none --adapter sql ... or --mix sql=0.5,json=0.5")
-    from rich.console import Console
-    from rich.table import Table
-
     from qlora_cli import evaluate as evaluate_stage
-    from qlora_cli.generate import MIX, open_session, parse_mix
-    from qlora_cli.recipe import local_or_hub
 
-    resolved_data = local_or_hub(data, Path.cwd())  # a file relative to here, or a hub dataset id
-    if resolved_data is None:
-        raise QloraError(f"--data: file not found: {data}")
-    weights = parse_mix(mix) if mix else None
-    session = open_session(adapter, mix=weights, base=base, home=adapters_dir)
-    names = [name if name == "none" else Path(name).name for name in adapter] + ([MIX] if mix else [])
-    results = evaluate_stage.run(session, resolved_data, names, sql=sql, max_rows=max_rows, out=out)
-    table = Table(title=f"{data} on {session.base_id}")
-    for column in ("adapter", "examples", "loss", "perplexity", "exact match", *(["execution match"] if sql else [])):
-        table.add_column(column, justify="left" if column == "adapter" else "right")
-    for result in results:
-        label = f"mix {mix}" if mix and result["adapter"] == MIX else result["adapter"]
-        cells = [
-            label,
-            str(result["examples"]),
-            f"{result['loss']:.3f}",
-            f"{result['perplexity']:.2f}",
-            f"{100 * result['exact_match']:.1f}%",
-        ]
-        if sql:
-            cells.append(f"{100 * result['execution_match']:.1f}%")
-        table.add_row(*cells)
-    Console().print(table)
+    evaluation = evaluate_stage.run(
+        data, adapter, mix=mix, sql=sql, max_rows=max_rows, out=out, base=base, home=adapters_dir
+    )
+    _print(evaluate_stage.render(evaluation))
 
 
 recipes_app = typer.Typer(help="The recipes that ship with qlora: starting points for your own.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
+RecipeNameArg = Annotated[str, typer.Argument(help="Recipe name, e.g. mistral7b-alpaca.")]
 
 
 @recipes_app.command("list")
@@ -362,7 +362,7 @@ def recipes_list() -> None:
 
 
 @recipes_app.command("show")
-def recipes_show(name: str = typer.Argument(..., help="Recipe name, e.g. mistral7b-alpaca.")) -> None:
+def recipes_show(name: RecipeNameArg) -> None:
     """Print a shipped recipe."""
     from qlora_cli.recipe import shipped_recipe
 
@@ -371,9 +371,9 @@ def recipes_show(name: str = typer.Argument(..., help="Recipe name, e.g. mistral
 
 @recipes_app.command("copy")
 def recipes_copy(
-    name: str = typer.Argument(..., help="Recipe name, e.g. mistral7b-alpaca."),
-    dest: Path = typer.Argument(..., help="New recipe file (or a folder to copy into)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing file."),
+    name: RecipeNameArg,
+    dest: Annotated[Path, typer.Argument(help="New recipe file (or a folder to copy into).")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
 ) -> None:
     """Copy a shipped recipe to start your own."""
     from qlora_cli.recipe import copy_recipe
@@ -387,65 +387,37 @@ app.add_typer(adapters_app, name="adapters")
 
 
 @adapters_app.command("list")
-def adapters_list(adapters_dir: str | None = AdaptersDirOpt) -> None:
+def adapters_list(adapters_dir: AdaptersDirOpt = None) -> None:
     """Every adapter in the adapters home, with its base, rank, data and metrics."""
-    from rich.console import Console
-    from rich.table import Table
-
     from qlora_cli import adapters
 
-    found = adapters.list_adapter_dirs(adapters_dir)
-    if not found:
-        typer.echo(f"no adapters in {adapters.adapters_home(adapters_dir)} (qlora train writes them there)")
-        return
-    table = Table(title=f"adapters in {adapters.adapters_home(adapters_dir)}")
-    for column in ("name", "base", "r", "targets", "data", "train loss", "eval loss", "size", "created"):
-        # The columns people act on stay whole; the rest wrap in narrow terminals.
-        table.add_column(column, no_wrap=column in ("name", "targets", "r", "size"))
-    for folder in found:
-        meta = adapters.read_metadata(folder)
-        lora, metrics = meta.get("lora", {}), meta.get("metrics", {})
-        targets = lora.get("target_modules", "?")
-        base = str(meta.get("base", {}).get("id", "?"))
-        table.add_row(
-            folder.name,
-            Path(base).name if Path(base).is_absolute() else base,
-            str(lora.get("r", "?")),
-            targets if isinstance(targets, str) else ",".join(targets),
-            Path(str(meta.get("data", {}).get("path", "?"))).name,
-            str(metrics.get("train_loss", "-")),
-            str(metrics.get("eval_loss", "-")),
-            f"{adapters.directory_size(folder) / 2**20:.1f} MiB",
-            str(meta.get("created", "?"))[:16].replace("T", " "),
-        )
-    Console().print(table)
+    _print(adapters.render_list(adapters.run_list(adapters_dir)))
 
 
 @adapters_app.command("show")
 def adapters_show(
-    name: str = typer.Argument(..., help="Adapter name or folder."), adapters_dir: str | None = AdaptersDirOpt
+    name: Annotated[str, typer.Argument(help="Adapter name or folder.")], adapters_dir: AdaptersDirOpt = None
 ) -> None:
     """One adapter's record and the recipe that made it."""
-    import json
-
     from qlora_cli import adapters
 
-    folder = adapters.find_adapter(name, adapters_dir)
-    typer.echo(f"# {folder}")
-    typer.echo(json.dumps(adapters.read_metadata(folder), indent=2))
-    recipe = folder / "recipe.yaml"
-    if recipe.is_file():
-        typer.echo("\n# recipe.yaml")
-        typer.echo(recipe.read_text())
+    typer.echo(adapters.render_show(adapters.run_show(name, adapters_dir)), nl=False)
 
 
 def main() -> None:
+    """The `qlora` entry point: each outcome leaves with its documented exit code (errors.ExitCode)."""
     try:
         app()
     except QloraError as error:
         from rich.text import Text
 
         _stderr().print(Text.assemble(("error: ", "bold red"), str(error)), highlight=False)
-        sys.exit(getattr(error, "exit_code", 1))
+        sys.exit(error.exit_code)
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
+    except Exception:
+        # A bug, not the user's mistake: the traceback stays, and the code tells scripts it is not USER_ERROR.
+        import traceback
+
+        traceback.print_exc()
+        sys.exit(ExitCode.CRASH)

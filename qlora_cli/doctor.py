@@ -9,6 +9,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.text import Text
+
 from qlora_cli.recipe import Recipe, is_local
 
 
@@ -110,9 +112,30 @@ def hub_check() -> Check:
     return Check("hub", True, f"reachable; {token}")
 
 
-def run(recipe: Recipe | None) -> list[Check]:
+@dataclass(frozen=True)
+class Diagnosis:
+    checks: tuple[Check, ...]
+
+    @property
+    def failed(self) -> bool:
+        return any(check.ok is False for check in self.checks)
+
+
+def run(recipe: Recipe | None) -> Diagnosis:
     checks = [python_check(), *torch_checks(), bitsandbytes_check()]
     if recipe is not None:
         checks.append(disk_check(recipe))
     checks.append(hub_check())
-    return checks
+    return Diagnosis(tuple(checks))
+
+
+MARKS = {True: ("OK  ", "green"), None: ("WARN", "yellow"), False: ("FAIL", "red")}
+
+
+def render(diagnosis: Diagnosis) -> Text:
+    """One line per check: its verdict in colour, its name, what was found or how to fix it."""
+    lines = []
+    for check in diagnosis.checks:
+        mark, color = MARKS[check.ok]
+        lines.append(Text.assemble((mark, color), f" {check.name:<13} {check.detail}"))
+    return Text("\n").join(lines)

@@ -11,12 +11,58 @@ import math
 import random
 import re
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.table import Table
 
 from qlora_cli.data import IGNORE_INDEX, check_rows, read_rows, tokenize_example
-from qlora_cli.generate import Sampling, Session, exact_match
+from qlora_cli.errors import QloraError
+from qlora_cli.generate import BASE, MIX, Sampling, Session, open_session, parse_mix
+from qlora_cli.recipe import local_or_hub
+
+
+@dataclass(frozen=True)
+class Score:
+    """One adapter's figures on the held-out rows."""
+
+    adapter: str
+    examples: int
+    loss: float  # mean cross-entropy per response token
+    perplexity: float
+    exact_match: float  # share of greedy answers equal to the reference
+    execution_match: float | None = None  # share of SQL answers returning the reference's rows (--sql)
+
+    def as_dict(self) -> dict:
+        fields = {
+            "adapter": self.adapter,
+            "examples": self.examples,
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "exact_match": self.exact_match,
+        }
+        if self.execution_match is not None:
+            fields["execution_match"] = self.execution_match
+        return fields
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    data: str  # as given on the command line
+    base_id: str
+    mix: str | None  # the --mix spec, scored under the adapter name 'mix'
+    sql: bool
+    scores: tuple[Score, ...]
+
+
+def exact_match(
+    session: Session, rows: list[dict], adapter: str, sampling: Sampling | None = None
+) -> tuple[float, list[str]]:
+    """Share of answers (greedy unless `sampling` says otherwise) equal to the reference completion, and the answers."""
+    answers = session.ask(rows, adapter, sampling or Sampling())
+    hits = sum(answer == session.example(row, adapter)["completion"].strip() for answer, row in zip(answers, rows))
+    return hits / len(rows), answers
 
 
 def response_loss(session: Session, rows: list[dict], adapter: str, batch_size: int = 16) -> float:
@@ -93,39 +139,80 @@ def _typed(value):
 
 
 def run(
-    session: Session,
-    data_path: str,
-    adapters: list[str],
+    data: str,
+    adapter_refs: list[str],
     *,
+    mix: str | None = None,
     sql: bool = False,
     max_rows: int | None = None,
     out: Path | None = None,
-) -> list[dict]:
+    base: str | None = None,
+    home: str | None = None,
+) -> Evaluation:
+    """Command `eval`: score the base and each adapter (and the mix) on held-out rows; `out` also gets JSON."""
+    data_path = local_or_hub(data, Path.cwd())  # a file relative to here, or a hub dataset id
+    if data_path is None:
+        raise QloraError(f"--data: file not found: {data}")
+    weights = parse_mix(mix) if mix else None
+    session = open_session(adapter_refs, mix=weights, base=base, home=home)
+    names = [ref if ref == BASE else Path(ref).name for ref in adapter_refs] + ([MIX] if mix else [])
+    scores = score(session, data_path, names, sql=sql, max_rows=max_rows)
+    if out is not None:
+        results = [result.as_dict() for result in scores]
+        out.write_text(json.dumps({"data": data_path, "base": session.base_id, "results": results}, indent=2) + "\n")
+    return Evaluation(data=data, base_id=session.base_id, mix=mix, sql=sql, scores=tuple(scores))
+
+
+def render(evaluation: Evaluation) -> Table:
+    table = Table(title=f"{evaluation.data} on {evaluation.base_id}")
+    columns = ["adapter", "examples", "loss", "perplexity", "exact match"] + (
+        ["execution match"] if evaluation.sql else []
+    )
+    for column in columns:
+        table.add_column(column, justify="left" if column == "adapter" else "right")
+    for result in evaluation.scores:
+        cells = [
+            f"mix {evaluation.mix}" if evaluation.mix and result.adapter == MIX else result.adapter,
+            str(result.examples),
+            f"{result.loss:.3f}",
+            f"{result.perplexity:.2f}",
+            f"{100 * result.exact_match:.1f}%",
+        ]
+        if result.execution_match is not None:
+            cells.append(f"{100 * result.execution_match:.1f}%")
+        table.add_row(*cells)
+    return table
+
+
+def score(
+    session: Session, data_path: str, adapters: list[str], *, sql: bool = False, max_rows: int | None = None
+) -> list[Score]:
     rows = read_rows(data_path, split="test", max_rows=max_rows)
     check_rows(rows, data_path)
-    results = []
+    scores = []
     for adapter in adapters:
         loss = response_loss(session, rows, adapter)
         accuracy, answers = exact_match(
             session, rows, adapter, Sampling(max_new_tokens=_answer_budget(session, rows, adapter))
         )
-        result = {
-            "adapter": adapter,
-            "examples": len(rows),
-            "loss": round(loss, 4),
-            "perplexity": round(math.exp(loss), 3),
-            "exact_match": round(accuracy, 4),
-        }
+        execution = None
         if sql:
             matches = [
                 sql_execution_match(row.get("input") or "", row["output"], answer, row["instruction"])
                 for row, answer in zip(rows, answers)
             ]
-            result["execution_match"] = round(sum(matches) / len(rows), 4)
-        results.append(result)
-    if out is not None:
-        out.write_text(json.dumps({"data": data_path, "base": session.base_id, "results": results}, indent=2) + "\n")
-    return results
+            execution = round(sum(matches) / len(rows), 4)
+        scores.append(
+            Score(
+                adapter=adapter,
+                examples=len(rows),
+                loss=round(loss, 4),
+                perplexity=round(math.exp(loss), 3),
+                exact_match=round(accuracy, 4),
+                execution_match=execution,
+            )
+        )
+    return scores
 
 
 def _answer_budget(session: Session, rows: list[dict], adapter: str) -> int:

@@ -10,19 +10,19 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer, set_seed
 
 from qlora_cli import adapters
+from qlora_cli.adapters import AdapterRecord, check_one_base
 from qlora_cli.errors import QloraError
 from qlora_cli.model import check_device, fingerprint_weights, load_model, load_tokenizer, resolve_model_dir
-from qlora_cli.prompts import render_example
+from qlora_cli.prompts import DEFAULT_TASK, DEFAULT_TEMPLATE, render_example
 from qlora_cli.recipe import RESERVED_ADAPTER_NAMES, ModelSection
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,12 @@ class Session:
     def names(self) -> list[str]:
         return [BASE, *self.templates]
 
+    def style(self, adapter: str) -> tuple[str, str]:
+        """The template and task that `adapter` is prompted with: its own, as trained. The base has none
+        of its own and borrows the first adapter's, so that the two answer the same question."""
+        owner = adapter if adapter in self.templates else next(iter(self.templates), None)
+        return self.templates.get(owner, DEFAULT_TEMPLATE), self.tasks.get(owner, DEFAULT_TASK)
+
     def ask(self, rows: list[dict], adapter: str, sampling: Sampling = Sampling(), batch_size: int = 16) -> list[str]:
         """Answers for alpaca rows ({instruction, input}) from one adapter, in batches."""
         answers: list[str] = []
@@ -84,10 +90,8 @@ class Session:
         yield
 
     def example(self, row: dict, adapter: str) -> dict[str, str]:
-        """The prompt and expected completion, rendered as the adapter was trained (the base borrows the
-        first adapter's template and task, so that the two answer the same question)."""
-        template = self.templates.get(adapter) or next(iter(self.templates.values()), "alpaca")
-        task = self.tasks.get(adapter) or next(iter(self.tasks.values()), "forward")
+        """The prompt and expected completion, rendered as the adapter was trained."""
+        template, task = self.style(adapter)
         if task == "reverse" and "output" not in row:
             row = {
                 "instruction": "",
@@ -97,6 +101,18 @@ class Session:
 
     def prompt(self, row: dict, adapter: str) -> str:
         return self.example(row, adapter)["prompt"]
+
+    def add_mix(self, weights: dict[str, float], name: str = MIX) -> None:
+        """One more adapter: the weighted combination of loaded ones, prompted as its first member."""
+        unknown = [adapter for adapter in weights if adapter not in self.templates]
+        if unknown:
+            raise QloraError(f"--mix names {unknown}, which are not loaded adapters")
+        # 'cat' stacks the adapters' low-rank factors, so the mix's update is exactly sum(w_i * B_i A_i),
+        # and it works across different ranks (peft's 'linear' needs equal ranks and mixes A and B separately).
+        self.model.add_weighted_adapter(
+            list(weights), list(weights.values()), adapter_name=name, combination_type="cat"
+        )
+        self.templates[name], self.tasks[name] = self.style(next(iter(weights)))
 
     def stream(self, row: dict, adapter: str, sampling: Sampling = Sampling()) -> Iterator[str]:
         """Yield the answer's text piece by piece as it is generated."""
@@ -175,88 +191,116 @@ def open_session(
 ) -> Session:
     """Load the base once and every named adapter beside it (names first checked, before any weights)."""
     refs = [ref for ref in dict.fromkeys([*adapter_refs, *(mix or {})]) if ref != BASE]
-    found = {ref: adapters.find_adapter(ref, home) for ref in refs}
-    metadata = {ref: adapters.read_metadata(path) for ref, path in found.items()}
-    section = _base_section(base, found, metadata)
-    model_dir = resolve_model_dir(section)
-    fingerprint = fingerprint_weights(model_dir)
-    for ref, meta in metadata.items():
-        recorded = meta.get("base", {}).get("fingerprint")
-        if recorded and recorded != fingerprint and not allow_base_mismatch:
-            raise QloraError(
-                f"adapter {ref!r} was trained on {meta['base'].get('id')} ({recorded}), but the base being loaded is "
-                f"{section.id} ({fingerprint}); pass --allow-base-mismatch if you know they are the same model"
-            )
-    device = check_device(section)
-    tokenizer = load_tokenizer(found[refs[0]] if refs else model_dir, section)
-    model = load_model(section, model_dir, device=device)
-    model.config.use_cache = True
-    model.eval()
-    templates, tasks = {}, {}
-    for ref, path in found.items():
-        name = path.name
-        if isinstance(model, PeftModel):
-            model.load_adapter(str(path), adapter_name=name)
-        else:
-            model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
-        templates[name] = metadata[ref].get("template", "alpaca")
-        tasks[name] = metadata[ref].get("task", "forward")
-    if mix:
-        add_mix(model, {found[ref].name: weight for ref, weight in mix.items()}, templates, tasks=tasks)
-    log.info("loaded %s with adapters: %s", section.id, ", ".join(templates) or "none")
-    return Session(model=model, tokenizer=tokenizer, base_id=section.id, templates=templates, tasks=tasks)
-
-
-def _base_section(base: str | None, found: dict[str, Path], metadata: dict[str, dict]) -> ModelSection:
-    """The base's model section: from the first adapter's recipe, with --base overriding its id."""
-    if found:
-        first = next(iter(found.values()))
-        recipe = yaml.safe_load((first / "recipe.yaml").read_text()) if (first / "recipe.yaml").is_file() else {}
-        section_data = dict(recipe.get("model") or {})
-        if not section_data:
-            section_data = {"id": json.loads((first / "adapter_config.json").read_text())["base_model_name_or_path"]}
-        if base:
-            section_data["id"] = base
-        bases = {meta.get("base", {}).get("fingerprint") for meta in metadata.values()} - {None}
-        if len(bases) > 1:
-            listing = ", ".join(f"{ref} ({meta['base'].get('id')})" for ref, meta in metadata.items())
-            raise QloraError(f"these adapters were trained on different bases and cannot share one: {listing}")
+    records = {ref: AdapterRecord.load(adapters.find_adapter(ref, home)) for ref in refs}
+    if records:
+        check_one_base(list(records.values()))
+        section = next(iter(records.values())).base_section(base)
     elif base:
-        section_data = {"id": base}
+        section = ModelSection.model_validate({"id": str(Path(base).resolve()) if Path(base).exists() else base})
     else:
         raise QloraError(
             "name at least one adapter (--adapter NAME), or the base model with --base MODEL and --adapter none"
         )
-    section_data["id"] = (
-        str(Path(section_data["id"]).resolve()) if Path(section_data["id"]).exists() else section_data["id"]
+    model_dir = resolve_model_dir(section)
+    fingerprint = fingerprint_weights(model_dir)
+    for record in records.values():
+        record.check_base(section.id, fingerprint, allow_mismatch=allow_base_mismatch)
+    device = check_device(section)
+    tokenizer = load_tokenizer(records[refs[0]].folder if refs else model_dir, section)
+    model = load_model(section, model_dir, device=device)
+    model.config.use_cache = True
+    model.eval()
+    for record in records.values():
+        name = record.folder.name
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(record.folder), adapter_name=name)
+        else:
+            model = PeftModel.from_pretrained(model, str(record.folder), adapter_name=name)
+    session = Session(
+        model=model,
+        tokenizer=tokenizer,
+        base_id=section.id,
+        templates={record.folder.name: record.template for record in records.values()},
+        tasks={record.folder.name: record.task for record in records.values()},
     )
-    return ModelSection.model_validate(section_data)
+    if mix:
+        session.add_mix({records[ref].folder.name: weight for ref, weight in mix.items()})
+    log.info("loaded %s with adapters: %s", section.id, ", ".join(session.templates) or "none")
+    return session
 
 
-def add_mix(
-    model: PeftModel,
-    mix: dict[str, float],
-    templates: dict[str, str],
-    name: str = MIX,
-    tasks: dict[str, str] | None = None,
+def open_targets(
+    adapter_refs: list[str],
+    *,
+    mix: str | None = None,
+    compare: bool = False,
+    base: str | None = None,
+    home: str | None = None,
+    allow_base_mismatch: bool = False,
+) -> tuple[Session, list[str]]:
+    """The session for `qlora generate`, and what answers, in order: the mix if there is one, else each
+    named adapter once; --compare puts the base first."""
+    weights = parse_mix(mix) if mix else None
+    session = open_session(adapter_refs, mix=weights, base=base, home=home, allow_base_mismatch=allow_base_mismatch)
+    targets = [MIX] if weights else [ref if ref == BASE else Path(ref).name for ref in dict.fromkeys(adapter_refs)]
+    if compare:
+        targets = [BASE, *[name for name in targets if name != BASE]]
+    return session, targets
+
+
+def converse(
+    session: Session,
+    targets: list[str],
+    instructions: Iterable[str],
+    input_text: str,
+    sampling: Sampling,
+    *,
+    show: Callable[[str], None],
+    show_heading: Callable[[str], None],
 ) -> None:
-    unknown = [name for name in mix if name not in templates]
-    if unknown:
-        raise QloraError(f"--mix names {unknown}, which are not loaded adapters")
-    # 'cat' stacks the adapters' low-rank factors, so the mix's update is exactly sum(w_i * B_i A_i),
-    # and it works across different ranks (peft's 'linear' needs equal ranks and mixes A and B separately).
-    model.add_weighted_adapter(list(mix), list(mix.values()), adapter_name=name, combination_type="cat")
-    templates[name] = templates[next(iter(mix))]
-    if tasks is not None:
-        tasks[name] = tasks.get(next(iter(mix)), "forward")
+    """Answer each instruction with every target, showing the text as it is generated; an empty
+    instruction ends the conversation."""
+    for instruction in instructions:
+        if not instruction.strip():
+            return
+        for name in targets:
+            if len(targets) > 1:
+                show_heading(f"── {name} ──")
+            for piece in session.stream({"instruction": instruction, "input": input_text}, name, sampling):
+                show(piece)
+            show("\n")
 
 
-def exact_match(
-    session: Session, rows: list[dict], adapter: str, sampling: Sampling = Sampling()
-) -> tuple[float, list[str]]:
-    answers = session.ask(rows, adapter, sampling)
-    hits = sum(answer == session.example(row, adapter)["completion"].strip() for answer, row in zip(answers, rows))
-    return hits / len(rows), answers
+@dataclass(frozen=True)
+class BatchAnswers:
+    """Batch mode: each prompt row with the adapter that answered it and its output."""
+
+    answers: tuple[dict, ...]
+    out: Path | None  # where they were written; None: they go to stdout
+
+
+def run_batch(
+    session: Session, rows: list[dict], targets: list[str], sampling: Sampling, out: Path | None = None
+) -> BatchAnswers:
+    """Every row answered by each target, or only by the one its "adapter" field names."""
+    answers = []
+    for name in targets:
+        chosen = [row for row in rows if row.get("adapter", name) == name]
+        for row, answer in zip(chosen, session.ask(chosen, name, sampling)):
+            answers.append({**row, "adapter": name, "output": answer})
+    if out is not None:
+        out.write_text(_jsonl(answers))
+        log.info("%d answers written to %s", len(answers), out)
+    return BatchAnswers(tuple(answers), out)
+
+
+def render_batch(batch: BatchAnswers) -> str:
+    """The answers as JSONL for stdout; nothing when they were written to a file."""
+    return "" if batch.out is not None else _jsonl(batch.answers)
+
+
+def _jsonl(rows) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def read_prompts(path: Path) -> list[dict]:
@@ -271,3 +315,12 @@ def read_prompts(path: Path) -> list[dict]:
             raise QloraError(f'{path}: line {number}: expected {{"instruction": ..., "input": ...}}')
         rows.append(row)
     return rows
+
+
+def __getattr__(name: str):
+    # exact_match moved to evaluate.py; tests/test_tiny_default.py still imports it from here.
+    if name == "exact_match":
+        from qlora_cli.evaluate import exact_match
+
+        return exact_match
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from qlora_cli import adapters
+from qlora_cli.adapters import AdapterRecord
 from qlora_cli.errors import QloraError
 from qlora_cli.files import atomic_directory, check_new_output
 from qlora_cli.model import base_model_record, check_device, load_model, resolve_model_dir, weight_files
@@ -103,6 +103,23 @@ class Nf4Spec:
     double_quant: bool
 
 
+@dataclass(frozen=True)
+class Merged:
+    """What `merge.run` wrote, and how well the merged model reproduces base+adapter."""
+
+    adapter: str  # as named on the command line
+    out: Path
+    source: Source
+    dtype: str
+    shards: int
+    lora_updates: int
+    verified: bool
+    max_logit_diff: float | None  # None when not verified
+    relative_logit_diff: float | None  # of the largest reference logit
+    unverified_reason: str | None
+    seconds: float
+
+
 def run(
     adapter: str,
     out: Path,
@@ -116,8 +133,8 @@ def run(
     verify: bool = True,
     tolerance: float | None = None,
     verify_memory: dict[int | str, int] | None = None,
-) -> dict:
-    """Merge `adapter` into its base and write the result to `out`; return a summary.
+) -> Merged:
+    """Merge `adapter` into its base and write the result to `out`.
 
     `tolerance` bounds the largest logit difference against base+adapter, relative to the largest
     reference logit; None picks the default for the dtype compared (DEFAULT_TOLERANCE). `verify_memory`
@@ -127,8 +144,8 @@ def run(
     out = Path(out)
     adapter_dir = adapters.find_adapter(adapter, home)
     check_new_output(out, "merge output", force=force)
-    metadata = adapters.read_metadata(adapter_dir)
-    section = base_section(adapter_dir, base)
+    record = AdapterRecord.load(adapter_dir)
+    section = record.base_section(base)
     if source not in ("nf4", "original"):
         raise QloraError(f"--from {source!r}: use nf4 (the 4-bit weights the adapter trained on) or original")
     if source == "nf4" and not section.load_in_4bit:
@@ -139,7 +156,7 @@ def run(
     out_dtype = parse_dtype(dtype or section.compute_dtype)
     model_dir = resolve_model_dir(section)
     base_record = base_model_record(section, model_dir)
-    check_base_fingerprint(metadata, base_record, allow_base_mismatch=allow_base_mismatch)
+    record.check_base(base_record["id"], base_record["fingerprint"], allow_mismatch=allow_base_mismatch)
     base_config = json.loads((model_dir / "config.json").read_text())
     if base_config.get("quantization_config"):
         raise QloraError(
@@ -181,7 +198,7 @@ def run(
         write_model_files(model_dir, adapter_dir, staging, section, base_config, out_dtype, sizes)
         if verify:
             check = verify_merge(
-                staging, adapter_dir, model_dir, section, source, out_dtype, metadata, tolerance, verify_memory
+                staging, adapter_dir, model_dir, section, source, out_dtype, record.template, tolerance, verify_memory
             )
         else:
             check = {"verified": False, "unverified_reason": "skipped (--no-verify)"}
@@ -190,42 +207,40 @@ def run(
             kind="merged",
             name=out.name,
             source=source,
-            adapter=metadata.get("name", adapter_dir.name),
+            adapter=record.name,
             base=base_record,
             dtype=dtype_name(out_dtype),
             lora_updates=len(updates),
             **check,
         )
-    summary = {
-        "merged": str(out),
-        "source": source,
-        "dtype": dtype_name(out_dtype),
-        "shards": len(shards),
-        "lora_updates": len(updates),
-        "max_logit_diff": check.get("max_logit_diff"),
-        "relative_logit_diff": check.get("relative_logit_diff"),
-        "verified": check["verified"],
-        "unverified_reason": check.get("unverified_reason"),
-        "seconds": round(time.monotonic() - started, 1),
-    }
     log.info("merged model written to %s", out)
-    return summary
+    return Merged(
+        adapter=adapter,
+        out=out,
+        source=source,
+        dtype=dtype_name(out_dtype),
+        shards=len(shards),
+        lora_updates=len(updates),
+        verified=check["verified"],
+        max_logit_diff=check.get("max_logit_diff"),
+        relative_logit_diff=check.get("relative_logit_diff"),
+        unverified_reason=check.get("unverified_reason"),
+        seconds=round(time.monotonic() - started, 1),
+    )
 
 
-def base_section(adapter_dir: Path, base: str | None) -> ModelSection:
-    """The adapter's model section (from its recipe.yaml), with `base` overriding the id."""
-    recipe_path = adapter_dir / "recipe.yaml"
-    section_data = (
-        dict((yaml.safe_load(recipe_path.read_text()) or {}).get("model") or {}) if recipe_path.is_file() else {}
+def render(merged: Merged) -> str:
+    if merged.verified:
+        verdict = (
+            f"largest logit difference {merged.max_logit_diff:.2e} "
+            f"({100 * merged.relative_logit_diff:.2f}% of the largest logit)"
+        )
+    else:
+        verdict = f"NOT verified: {merged.unverified_reason}"
+    return (
+        f"merged {merged.adapter} into {merged.out} "
+        f"({merged.source} base, {merged.dtype}, {merged.shards} shard(s)); {verdict}"
     )
-    if not section_data:
-        section_data = {"id": json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]}
-    if base:
-        section_data["id"] = base
-    section_data["id"] = (
-        str(Path(section_data["id"]).resolve()) if Path(section_data["id"]).exists() else section_data["id"]
-    )
-    return ModelSection.model_validate(section_data)
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -236,16 +251,6 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def check_base_fingerprint(metadata: dict, base_record: dict, *, allow_base_mismatch: bool) -> None:
-    recorded = metadata.get("base", {}).get("fingerprint")
-    if recorded and recorded != base_record["fingerprint"] and not allow_base_mismatch:
-        raise QloraError(
-            f"adapter {metadata.get('name')!r} was trained on {metadata['base'].get('id')} ({recorded}), but the base "
-            f"to merge into is {base_record['id']} ({base_record['fingerprint']}); "
-            "pass --allow-base-mismatch if you know they are the same model"
-        )
 
 
 def check_supported(adapter_config: dict, name: str) -> None:
@@ -500,7 +505,7 @@ def verify_merge(
     section: ModelSection,
     source: Source,
     out_dtype: torch.dtype,
-    metadata: dict,
+    template: str,
     tolerance: float | None,
     memory: dict[int | str, int] | None = None,
 ) -> dict:
@@ -510,7 +515,7 @@ def verify_merge(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=section.trust_remote_code)
-    prompts = verification_inputs(tokenizer, metadata.get("template", "alpaca"))
+    prompts = verification_inputs(tokenizer, template)
     device = check_device(
         section.model_copy(update={"device": "auto"})
     )  # merging needs no GPU, whatever training ran on

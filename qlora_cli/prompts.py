@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+# What a prompt is rendered with when nothing says otherwise: the recipe's defaults (data.template,
+# data.task), and what an adapter directory without a qlora.json record reads as.
+DEFAULT_TEMPLATE = "alpaca"
+DEFAULT_TASK = "forward"
+
 TEMPLATES: dict[str, dict[str, str]] = {
     # Stanford Alpaca's wording, byte for byte: adapters trained elsewhere on alpaca data expect it.
     "alpaca": {
@@ -28,7 +33,7 @@ TEMPLATES: dict[str, dict[str, str]] = {
 REVERSE_INSTRUCTION = "Write the instruction that the following response answers."
 
 
-def render_prompt(instruction: str, input: str = "", template: str = "alpaca") -> str:
+def render_prompt(instruction: str, input: str = "", template: str = DEFAULT_TEMPLATE) -> str:
     """The text the model sees before its response."""
     forms = TEMPLATES[template]
     if input and input.strip():
@@ -36,7 +41,9 @@ def render_prompt(instruction: str, input: str = "", template: str = "alpaca") -
     return forms["without_input"].format(instruction=instruction)
 
 
-def render_example(row: Mapping[str, str], template: str = "alpaca", task: str = "forward") -> dict[str, str]:
+def render_example(
+    row: Mapping[str, str], template: str = DEFAULT_TEMPLATE, task: str = DEFAULT_TASK
+) -> dict[str, str]:
     """One alpaca row -> {"prompt", "completion"}; EOS is appended by the tokenizer stage, not here."""
     if task == "reverse":
         return {

@@ -9,7 +9,8 @@ from conftest import TINY, read_jsonl
 
 from qlora_cli.cli import main
 from qlora_cli.errors import QloraError
-from qlora_cli.generate import BASE, Sampling, add_mix, exact_match, open_session
+from qlora_cli.evaluate import exact_match
+from qlora_cli.generate import BASE, Sampling, open_session
 
 pytestmark = pytest.mark.pipeline
 SQL = read_jsonl(TINY / "sql" / "test.jsonl")[:40]
@@ -21,7 +22,8 @@ def session(trained_adapters):
     return open_session(["sql", "json"], home=str(trained_adapters))
 
 
-def run_cli(argv, capsys, monkeypatch):
+def run_cli(argv: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
+    """`qlora ARGV` in this process, through the real entry point: (exit code, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", ["qlora", *argv])
     with pytest.raises(SystemExit) as exited:
         main()
@@ -49,7 +51,7 @@ def test_each_adapter_answers_its_own_task_from_one_process(session):
 
 def test_mix_moves_the_output_toward_the_heavier_adapter(session):
     def share_of_sql(weights: dict, name: str) -> float:
-        add_mix(session.model, weights, session.templates, name=name)
+        session.add_mix(weights, name=name)
         answers = session.ask(SQL[:20], name, Sampling(max_new_tokens=24))
         return sum(answer.startswith("SELECT") for answer in answers) / len(answers)
 
@@ -152,8 +154,8 @@ def test_merged_model_scores_what_the_adapter_scores(trained_adapters, session, 
 
     from qlora_cli import merge
 
-    summary = merge.run("sql", tmp_path / "merged", home=str(trained_adapters))
-    assert summary["source"] == "nf4" and summary["relative_logit_diff"] <= 1e-3
+    merged_record = merge.run("sql", tmp_path / "merged", home=str(trained_adapters))
+    assert merged_record.source == "nf4" and merged_record.relative_logit_diff <= 1e-3
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # plain transformers: no lock-in
     adapter_score, adapter_answers = exact_match(session, SQL, "sql")
     merged_session = type(session)(

@@ -1,12 +1,12 @@
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 from typer.testing import CliRunner
 
 from qlora_cli.cli import app
+from qlora_cli.errors import ExitCode
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -17,13 +17,22 @@ def qlora(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qlora_cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
-def test_help_is_instant_and_imports_no_torch():
-    probe = "import sys, qlora_cli.cli; assert not {'torch', 'transformers', 'peft', 'trl'} & set(sys.modules), sorted(sys.modules)"
-    subprocess.run([sys.executable, "-c", probe], check=True)
-    started = time.perf_counter()
-    result = qlora("--help")
-    assert result.returncode == 0 and "train" in result.stdout
-    assert time.perf_counter() - started < 5
+def test_help_imports_nothing_heavy():
+    """`qlora --help` answers at once because it loads no ML library; checked by what is imported, not by a
+    clock, so a busy machine cannot fail it."""
+    probe = (
+        "import sys\n"
+        "from qlora_cli.cli import app\n"
+        "try:\n"
+        "    app(['--help'])\n"
+        "except SystemExit as done:\n"
+        "    assert done.code == 0, done.code\n"
+        "heavy = {'torch', 'transformers', 'peft', 'trl', 'bitsandbytes', 'datasets', 'accelerate'} & set(sys.modules)\n"
+        "assert not heavy, sorted(heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "train" in result.stdout and "generate" in result.stdout
 
 
 def test_validate_ok():
@@ -69,3 +78,20 @@ def test_recipes_list_show_copy(tmp_path):
         text=True,
     )
     assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_exit_codes_tell_a_plan_that_does_not_fit_and_a_crash_from_a_user_error(tmp_path):
+    tiny = qlora("plan", str(REPO / "recipes" / "tiny-sql.yaml"), "--gpu-memory", "0.000001", cwd=tmp_path)
+    assert tiny.returncode == ExitCode.DOES_NOT_FIT, tiny.stderr
+    crash = (
+        "import sys\n"
+        "from qlora_cli import cli\n"
+        "@cli.app.command('broken')\n"
+        "def broken():\n"
+        "    raise RuntimeError('a bug')\n"
+        "sys.argv = ['qlora', 'broken']\n"
+        "cli.main()\n"
+    )
+    crashed = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True)
+    assert crashed.returncode == ExitCode.CRASH
+    assert "Traceback" in crashed.stderr and "RuntimeError: a bug" in crashed.stderr

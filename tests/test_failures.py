@@ -12,11 +12,13 @@ from conftest import TINY, write_recipe
 from qlora_cli.cli import main
 
 
-def run_cli(argv: list[str], capsys, monkeypatch) -> tuple[int, str]:
+def run_cli(argv: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
+    """`qlora ARGV` in this process, through the real entry point: (exit code, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", ["qlora", *argv])
     with pytest.raises(SystemExit) as exited:
         main()
-    return exited.value.code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return exited.value.code, captured.out, captured.err
 
 
 def edit(path: Path, **sections) -> Path:
@@ -117,7 +119,7 @@ def test_bad_training_input_fails_cleanly(case, tmp_path, tiny_base, capsys, mon
     recipe = write_recipe(tmp_path, data={"eval_path": None})
     CASES[case][0](tmp_path, recipe)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    code, err = run_cli(["train", str(recipe), "--adapters-dir", str(tmp_path / "adapters")], capsys, monkeypatch)
+    code, _, err = run_cli(["train", str(recipe), "--adapters-dir", str(tmp_path / "adapters")], capsys, monkeypatch)
     assert code == 1
     assert CASES[case][1] in err
     assert "Traceback" not in err and err.count("error:") == 1
@@ -127,16 +129,23 @@ def test_bad_training_input_fails_cleanly(case, tmp_path, tiny_base, capsys, mon
 def test_unknown_adapter_lists_the_available_ones(tmp_path, capsys, monkeypatch):
     (tmp_path / "adapters" / "sql").mkdir(parents=True)
     (tmp_path / "adapters" / "sql" / "adapter_config.json").write_text("{}")
-    code, err = run_cli(
+    code, _, err = run_cli(
         ["generate", "-a", "sqll", "hi", "--adapters-dir", str(tmp_path / "adapters")], capsys, monkeypatch
     )
     assert code == 1 and "adapter 'sqll' not found" in err and "available: sql" in err
 
 
-@pytest.mark.parametrize("name", ["../sql", "a b", ""])
-def test_adapter_names_with_path_characters_are_refused(name, tmp_path, capsys, monkeypatch):
-    code, err = run_cli(["generate", "-a", name, "hi", "--adapters-dir", str(tmp_path)], capsys, monkeypatch)
-    assert code == 1 and "adapter" in err and "Traceback" not in err
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("../sql", "adapter ../sql: no adapter_config.json in that folder"),
+        ("a b", "adapter name 'a b': use letters, digits, '.', '_' or '-' only (no paths); or pass a folder path"),
+        ("", "adapter name '': use letters, digits"),
+    ],
+)
+def test_adapter_names_with_path_characters_are_refused(name, message, tmp_path, capsys, monkeypatch):
+    code, _, err = run_cli(["generate", "-a", name, "hi", "--adapters-dir", str(tmp_path)], capsys, monkeypatch)
+    assert code == 1 and message in err and "Traceback" not in err
 
 
 def test_force_never_replaces_a_folder_qlora_did_not_make(tmp_path, tiny_base, capsys, monkeypatch):
@@ -145,7 +154,7 @@ def test_force_never_replaces_a_folder_qlora_did_not_make(tmp_path, tiny_base, c
     mine.mkdir()
     (mine / "thesis.txt").write_text("irreplaceable")
     recipe = write_recipe(tmp_path, train={"output_dir": str(mine)})
-    code, err = run_cli(
+    code, _, err = run_cli(
         ["train", str(recipe), "--force", "--adapters-dir", str(tmp_path / "adapters")], capsys, monkeypatch
     )
     assert code == 1 and "was not written by qlora" in err
@@ -155,7 +164,7 @@ def test_force_never_replaces_a_folder_qlora_did_not_make(tmp_path, tiny_base, c
 
 def test_eval_names_a_missing_data_file_before_loading_anything(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, err = run_cli(
+    code, _, err = run_cli(
         ["eval", "--data", "held-out.jsonl", "-a", "none", "--adapters-dir", str(tmp_path)], capsys, monkeypatch
     )
     assert code == 1 and "--data: file not found: held-out.jsonl" in err and "Traceback" not in err

@@ -57,13 +57,13 @@ def workspace(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def merged_nf4(workspace) -> tuple[Path, dict]:
+def merged_nf4(workspace) -> tuple[Path, merge.Merged]:
     out = workspace / "merged-nf4"
     return out, merge.run(str(workspace / "adapter-fp32"), out)
 
 
 @pytest.fixture(scope="module")
-def merged_original(workspace) -> tuple[Path, dict]:
+def merged_original(workspace) -> tuple[Path, merge.Merged]:
     out = workspace / "merged-original"
     return out, merge.run(str(workspace / "adapter-fp32"), out, source="original")
 
@@ -100,14 +100,14 @@ def test_nf4_merge_matches_the_4bit_base_with_adapter_and_the_original_merge_doe
     assert relative_difference(plain_logits(merged_nf4[0], input_ids), expected) < 1e-5
     # The users' pain point: the pristine 16-bit merge misses what the adapter learned on NF4 weights.
     assert relative_difference(plain_logits(merged_original[0], input_ids), expected) > 0.05
-    assert merged_nf4[1]["relative_logit_diff"] < 1e-5
+    assert merged_nf4[1].relative_logit_diff < 1e-5
 
 
 def test_original_merge_matches_the_16bit_base_with_adapter(workspace, merged_original):
     input_ids = torch.randint(0, TINY["vocab"], (2, 24), generator=torch.Generator().manual_seed(1))
     expected = reference_logits(workspace, in_4bit=False, input_ids=input_ids)
     assert relative_difference(plain_logits(merged_original[0], input_ids), expected) < 1e-5
-    assert merged_original[1]["source"] == "original"
+    assert merged_original[1].source == "original"
 
 
 def test_nf4_round_trip_changes_exactly_the_quantized_weights(merged_nf4, merged_original):
@@ -126,12 +126,12 @@ def test_nf4_round_trip_changes_exactly_the_quantized_weights(merged_nf4, merged
 
 
 def test_output_keeps_the_shard_layout_and_describes_itself(workspace, merged_nf4):
-    out, summary = merged_nf4
+    out, result = merged_nf4
     base_shards = sorted(p.name for p in (workspace / "base").glob("*.safetensors"))
     assert len(base_shards) >= 4
     assert sorted(p.name for p in out.glob("*.safetensors")) == base_shards
-    assert summary["shards"] == len(base_shards)
-    assert summary["lora_updates"] == len(LINEAR_WEIGHTS)
+    assert result.shards == len(base_shards)
+    assert result.lora_updates == len(LINEAR_WEIGHTS)
     base_index = json.loads((workspace / "base" / merge.INDEX).read_text())
     index = json.loads((out / merge.INDEX).read_text())
     assert index["weight_map"] == base_index["weight_map"]
@@ -144,7 +144,11 @@ def test_output_keeps_the_shard_layout_and_describes_itself(workspace, merged_nf
     adapter_record = json.loads((workspace / "adapter-fp32" / "qlora.json").read_text())
     assert record["kind"] == "merged" and record["source"] == "nf4" and record["adapter"] == "adapter-fp32"
     assert record["base"]["fingerprint"] == adapter_record["base"]["fingerprint"]
-    assert record["max_logit_diff"] == summary["max_logit_diff"]
+    assert record["max_logit_diff"] == result.max_logit_diff
+    assert merge.render(result) == (
+        f"merged {workspace / 'adapter-fp32'} into {out} (nf4 base, float32, {len(base_shards)} shard(s)); "
+        f"largest logit difference {result.max_logit_diff:.2e} ({100 * result.relative_logit_diff:.2f}% of the largest logit)"
+    )
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
     assert not list(workspace.glob(".merged-nf4.*"))  # no staging left behind
 
@@ -182,8 +186,9 @@ def test_existing_output_is_refused_without_force_and_replaced_with_it(workspace
     shutil.copytree(merged_nf4[0], previous)
     with pytest.raises(QloraError, match="already exists"):
         merge.run(str(workspace / "adapter-fp32"), previous, verify=False)
-    summary = merge.run(str(workspace / "adapter-fp32"), previous, source="original", force=True, verify=False)
-    assert summary["max_logit_diff"] is None
+    result = merge.run(str(workspace / "adapter-fp32"), previous, source="original", force=True, verify=False)
+    assert result.max_logit_diff is None
+    assert merge.render(result).endswith("; NOT verified: skipped (--no-verify)")
     assert json.loads((previous / "qlora.json").read_text())["source"] == "original"
 
 
@@ -205,9 +210,9 @@ def test_a_different_base_is_refused_naming_both(workspace):
 
 
 def test_bf16_merge_passes_its_default_tolerance_and_a_failed_check_leaves_nothing(workspace):
-    summary = merge.run(str(workspace / "adapter-bf16"), workspace / "merged-bf16")
-    assert summary["dtype"] == "bfloat16"
-    assert 0 < summary["relative_logit_diff"] < merge.DEFAULT_TOLERANCE[torch.bfloat16]
+    result = merge.run(str(workspace / "adapter-bf16"), workspace / "merged-bf16")
+    assert result.dtype == "bfloat16"
+    assert 0 < result.relative_logit_diff < merge.DEFAULT_TOLERANCE[torch.bfloat16]
     failing = workspace / "merged-bf16-strict"
     # bf16 rounding of the merged weights cannot reproduce base+adapter exactly, so a zero tolerance must fail.
     with pytest.raises(QloraError, match="merge check failed"):
@@ -221,10 +226,10 @@ def test_verification_within_a_small_memory_budget_offloads_and_agrees(workspace
     layers stream from disk and the check gives the figure it gives with room to spare."""
     out = workspace / "merged-nf4-budget"
     with caplog.at_level("INFO", logger="qlora_cli.merge"):
-        summary = merge.run(str(workspace / "adapter-fp32"), out, verify_memory={"cpu": 64 * 1024})
+        result = merge.run(str(workspace / "adapter-fp32"), out, verify_memory={"cpu": 64 * 1024})
     assert "verifying the merged model on" in caplog.text and "disk" in caplog.text
-    assert summary["verified"] is True
-    assert summary["max_logit_diff"] == pytest.approx(merged_nf4[1]["max_logit_diff"], rel=1e-3, abs=1e-6)
+    assert result.verified is True
+    assert result.max_logit_diff == pytest.approx(merged_nf4[1].max_logit_diff, rel=1e-3, abs=1e-6)
     assert not list(out.glob(".verify-offload-*"))  # the offload folder does not ship with the model
 
 
@@ -241,8 +246,8 @@ def test_verification_that_runs_out_of_memory_keeps_the_merge_marked_unverified(
 
     real_model_logits = merge.model_logits
     monkeypatch.setattr(merge, "model_logits", out_of_memory_on_the_merged_model)
-    summary = merge.run(str(workspace / "adapter-fp32"), out)
-    assert summary["verified"] is False and "out of memory" in summary["unverified_reason"]
+    result = merge.run(str(workspace / "adapter-fp32"), out)
+    assert result.verified is False and "out of memory" in result.unverified_reason
     record = json.loads((out / "qlora.json").read_text())
     assert record["verified"] is False and "out of memory" in record["unverified_reason"]
     assert AutoModelForCausalLM.from_pretrained(out) is not None  # complete and loadable

@@ -41,7 +41,7 @@ def step_losses(run_dir: Path) -> dict[int, float]:
     return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
 
 
-def wait_for(predicate, process: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert process.poll() is None, process.communicate()

@@ -9,7 +9,8 @@ import os
 import pytest
 from conftest import REPO, TINY, read_jsonl
 
-from qlora_cli.generate import BASE, exact_match, open_session
+from qlora_cli.evaluate import exact_match
+from qlora_cli.generate import BASE, open_session
 
 pytestmark = [
     pytest.mark.pipeline,

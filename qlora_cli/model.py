@@ -139,7 +139,7 @@ def attention_implementation(section: ModelSection, *, device: torch.device, pac
     Packed rows carry their example boundaries only in position_ids. Under SDPA transformers turns them into a dense
     (tokens x tokens) block-diagonal mask: 256 MiB at 8 x 2048 tokens, 1 GiB at 32k, and a mask sends SDPA off its
     flash kernels. Flex attention takes the same boundaries as a BlockMask (0.5 MiB at 8 x 2048: indices of 128-token
-    blocks) and skips every block between two examples (`python -m qlora_cli.bench_attention`). It is compiled on its
+    blocks) and skips every block between two examples (`python -m benchmarks.bench_attention`). It is compiled on its
     first call, and once more when the packed length first changes (then with dynamic shapes).
     Generation, merge and padded batches keep SDPA: they have no boundaries to carry. CPU training keeps it too, as
     PyTorch has no flex attention backward on CPU ("FlexAttention does not support backward on CPU").

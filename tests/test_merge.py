@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 import qlora_cli  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 
@@ -301,10 +302,11 @@ def test_lora_plan_follows_peft_scaling_and_rejects_strangers():
 
 def test_benchmark_smoke_run_prints_both_rows_and_writes_json(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "qlora_cli.bench_merge", "--small", "--json", str(tmp_path / "bench.json")],
+        [sys.executable, "-m", "benchmarks.bench_merge", "--small", "--json", str(tmp_path / "bench.json")],
         capture_output=True,
         text=True,
         env={**os.environ, "COLUMNS": "200"},
+        cwd=REPO,  # benchmarks/ sits beside the package, not inside it
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "streaming" in result.stdout and "merge_and_unload" in result.stdout

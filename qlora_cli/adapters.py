@@ -90,6 +90,10 @@ class AdapterRecord(_Record):
                 f"train the adapter again, or remove {MARKER} to load it as a plain peft adapter"
             ) from None
 
+    def write(self) -> None:
+        """Write `qlora.json` into the record's folder, stamped with the time and the library versions."""
+        write_metadata(self.folder, **self.model_dump(mode="json", exclude={"created", "versions"}))
+
     def as_written(self) -> dict:
         """The record's fields as stored in `qlora.json` (for a folder without one: what it reads as)."""
         return self.model_dump(mode="json", exclude_unset=True)

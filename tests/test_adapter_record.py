@@ -52,6 +52,19 @@ def test_the_record_train_writes_loads_typed_and_reads_back_as_written(tmp_path)
     assert record.as_written() == json.loads((folder / "qlora.json").read_text())
 
 
+def test_a_record_built_in_code_writes_what_train_writes(tmp_path):
+    written = AdapterRecord.load(trained_adapter(tmp_path / "by-hand"))
+    (tmp_path / "typed").mkdir()
+    typed = written.model_copy(update={"folder": tmp_path / "typed"})
+    typed.write()
+    again = json.loads((tmp_path / "typed" / "qlora.json").read_text())
+    by_hand = json.loads((written.folder / "qlora.json").read_text())
+    assert list(again) == list(by_hand)  # same keys, same order
+    assert {key: again[key] for key in again if key != "created"} == {
+        key: by_hand[key] for key in by_hand if key != "created"
+    }
+
+
 def test_a_folder_without_a_record_reads_as_an_alpaca_adapter_on_the_base_peft_names(tmp_path, tiny_base):
     folder = tmp_path / "plain"
     folder.mkdir()

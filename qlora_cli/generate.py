@@ -315,12 +315,3 @@ def read_prompts(path: Path) -> list[dict]:
             raise QloraError(f'{path}: line {number}: expected {{"instruction": ..., "input": ...}}')
         rows.append(row)
     return rows
-
-
-def __getattr__(name: str):
-    # exact_match moved to evaluate.py; tests/test_tiny_default.py still imports it from here.
-    if name == "exact_match":
-        from qlora_cli.evaluate import exact_match
-
-        return exact_match
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -42,30 +42,13 @@ from qlora_cli.files import atomic_directory, check_new_output
 from qlora_cli.model import base_model_record, check_device, load_model, resolve_model_dir, weight_files
 from qlora_cli.prompts import render_prompt
 from qlora_cli.recipe import ModelSection
+from qlora_cli.safetensors_io import TensorReader, TensorWriter, read_header
 
 log = logging.getLogger(__name__)
 
 Source = Literal["nf4", "original"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 INDEX = "model.safetensors.index.json"
-SAFETENSORS_DTYPES = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "I64": torch.int64,
-    "U64": torch.uint64,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-SAFETENSORS_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 PEFT_PREFIX = "base_model.model."  # peft's PeftModelForCausalLM wraps the transformers model twice
 # Largest logit difference allowed, relative to the largest reference logit. bf16 keeps 8 significant
 # bits (relative rounding 2^-9 = 0.2%) and every layer rounds the merged weights and its activations,
@@ -167,7 +150,7 @@ def run(
     check_supported(adapter_config, adapter_dir.name)
     adapter_weights = load_file(adapter_dir / "adapter_model.safetensors")
     shards = shard_files(model_dir)
-    base_keys = {key for shard in shards for key in read_header(model_dir / shard)[0]}
+    base_keys = {key for shard in shards for key in read_header(model_dir / shard).tensors}
     updates = plan_lora_updates(adapter_weights, adapter_config, base_keys, adapter_dir.name)
     nf4_specs = nf4_weight_specs(model_dir, section, base_keys) if source == "nf4" else {}
     compute_dtype = DTYPES[section.compute_dtype]
@@ -361,15 +344,6 @@ def shard_files(model_dir: Path) -> list[str]:
     return files
 
 
-def read_header(path: Path) -> tuple[dict[str, dict], int]:
-    """A safetensors file's tensor entries ({dtype, shape, data_offsets}) and where its data begins."""
-    with path.open("rb") as handle:
-        length = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(length))
-    header.pop("__metadata__", None)
-    return header, 8 + length
-
-
 def round_trip_4bit(weight: torch.Tensor, spec: Nf4Spec) -> torch.Tensor:
     """The weight as the 4-bit model sees it: quantized, then dequantized, in `weight`'s dtype."""
     import bitsandbytes.functional as bnb_functional
@@ -412,63 +386,29 @@ def merge_shard(
     out_dtype: torch.dtype,
 ) -> int:
     """Merge one shard into `dest`, one tensor at a time; return the bytes of tensor data written.
-
-    safetensors.torch.save_file needs the whole shard in memory and copies it once more to serialise
-    it, and safe_open's memory map keeps every page it has read resident until the file is closed:
-    about three shards at the peak, 30 GB for Mistral-7B's 10 GB first shard, more than peft's own
-    merge. Both ends of this loop use the format directly (a JSON header, then raw little-endian
-    data), so the peak is one tensor and its temporaries; safetensors' own reader checks the result."""
-    header, data_start = read_header(source)
-    names = sorted(header, key=lambda key: header[key]["data_offsets"][0])
-    out_code = SAFETENSORS_CODES[out_dtype]
-    entries, offset = {}, 0
-    for key in names:
-        entry = header[key]
-        floating = SAFETENSORS_DTYPES[entry["dtype"]].is_floating_point
-        size = (
-            math.prod(entry["shape"]) * out_dtype.itemsize
-            if floating
-            else entry["data_offsets"][1] - entry["data_offsets"][0]
-        )
-        entries[key] = {
-            "dtype": out_code if floating else entry["dtype"],
-            "shape": entry["shape"],
-            "data_offsets": [offset, offset + size],
+    Floating tensors are written in `out_dtype`, the others as they are; the peak holds one tensor and its
+    temporaries (safetensors_io says why not safetensors.torch)."""
+    with TensorReader(source) as reader:
+        layout = {
+            key: (out_dtype if entry.torch_dtype.is_floating_point else entry.torch_dtype, entry.shape)
+            for key, entry in reader.tensors.items()
         }
-        offset += size
-    encoded = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data to 8 bytes, padding the header with spaces
-
-    with source.open("rb") as reader, dest.open("wb") as writer:
-        writer.write(len(encoded).to_bytes(8, "little") + encoded)
-        for key in names:
-            update = updates.get(key)
-            lora = (adapter_weights[update.a_key], adapter_weights[update.b_key], update.scaling) if update else None
-            tensor = merged_weight(
-                read_tensor(reader, header[key], data_start),
-                lora=lora,
-                nf4=nf4_specs.get(key),
-                compute_dtype=compute_dtype,
-                out_dtype=out_dtype,
-            )
-            begin, end = entries[key]["data_offsets"]
-            data = tensor.reshape(-1).view(torch.uint8)
-            if data.numel() != end - begin:
-                raise RuntimeError(f"{key}: merged to {data.numel()} bytes, header says {end - begin}")
-            writer.write(data.numpy())
-            del tensor, data  # before the next read, so that the peak holds one tensor, not two
-    return offset
-
-
-def read_tensor(handle, entry: dict, data_start: int) -> torch.Tensor:
-    """One tensor read into memory of its own: plain reads leave the data in the page cache, not in
-    this process (a memory map would count every page read against it until closed)."""
-    begin, end = entry["data_offsets"]
-    buffer = torch.empty(end - begin, dtype=torch.uint8)
-    handle.seek(data_start + begin)
-    if handle.readinto(buffer.numpy()) != end - begin:
-        raise QloraError(f"{handle.name}: truncated safetensors file; download the base again")
-    return buffer.view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        with TensorWriter(dest, layout) as writer:
+            for key in reader.tensors:
+                update = updates.get(key)
+                lora = (
+                    (adapter_weights[update.a_key], adapter_weights[update.b_key], update.scaling) if update else None
+                )
+                tensor = merged_weight(
+                    reader.read(key),
+                    lora=lora,
+                    nf4=nf4_specs.get(key),
+                    compute_dtype=compute_dtype,
+                    out_dtype=out_dtype,
+                )
+                writer.write(key, tensor)
+                del tensor  # before the next read, so that the peak holds one tensor, not two
+    return writer.data_bytes
 
 
 def write_model_files(

@@ -26,6 +26,7 @@ from qlora_cli import merge
 from qlora_cli.errors import QloraError
 from qlora_cli.model import load_model
 from qlora_cli.recipe import ModelSection
+from qlora_cli.safetensors_io import read_header
 from qlora_cli.testing import build_adapter, build_base
 
 pytestmark = pytest.mark.pipeline
@@ -266,7 +267,7 @@ def test_nf4_source_is_refused_for_an_adapter_trained_on_a_16bit_base(workspace)
 
 def test_nf4_specs_come_from_the_quantizer_and_skip_the_lm_head(workspace):
     base = workspace / "base"
-    keys = {key for shard in merge.shard_files(base) for key in merge.read_header(base / shard)[0]}
+    keys = {key for shard in merge.shard_files(base) for key in read_header(base / shard).tensors}
     specs = merge.nf4_weight_specs(base, ModelSection(id=str(base), double_quant=False), keys)
     assert sorted(specs) == sorted(LINEAR_WEIGHTS)
     assert "lm_head.weight" not in specs and "model.embed_tokens.weight" not in specs

@@ -69,7 +69,8 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from benchmarks.bench_merge import proc_status_mib
-from qlora_cli.testing import build_base, library_versions, run_in_fresh_process
+from qlora_cli.adapters import library_versions
+from qlora_cli.testing import build_base, run_in_fresh_process
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,8 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 from benchmarks.bench import TokenCounter, paged_optimizer_bytes
-from qlora_cli.testing import build_base, library_versions, run_in_fresh_process, save_base_config
+from qlora_cli.adapters import library_versions
+from qlora_cli.testing import build_base, run_in_fresh_process, save_base_config
 
 log = logging.getLogger(__name__)
 

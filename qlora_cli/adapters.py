@@ -28,7 +28,7 @@ from qlora_cli.recipe import ADAPTER_NAME, ModelSection
 
 HOME_ENV = "QLORA_ADAPTERS_DIR"
 DEFAULT_HOME = "adapters"  # relative to the working directory, like the runs/ folder beside it
-VERSIONED = ("qlora", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate")
+VERSIONED = ("qlora-cli", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate")
 
 
 class _Record(BaseModel):
@@ -166,13 +166,14 @@ def list_adapter_dirs(home: str | Path | None = None) -> list[Path]:
     )
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(names: tuple[str, ...] = VERSIONED) -> dict[str, str]:
+    """Installed versions by distribution name; "not installed" for one that is missing."""
     found = {}
-    for package in VERSIONED:
+    for package in names:
         try:
             found[package] = version(package)
         except PackageNotFoundError:
-            pass
+            found[package] = "not installed"
     return found
 
 

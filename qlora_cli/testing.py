@@ -8,7 +8,6 @@ imported inside the functions, so importing this module costs nothing.
     build_base        a random Mistral-shaped base saved in bf16 safetensors, with its tokenizer
     build_adapter     a LoRA adapter folder as `qlora train` writes it, with non-zero weights
     run_in_fresh_process   `python -m module ...` in a new interpreter, its JSON result returned
-    library_versions  installed versions of the libraries a run depends on
 """
 
 from __future__ import annotations
@@ -240,13 +239,3 @@ def run_in_fresh_process(module: str, *args: str, environment: dict[str, str] | 
             output = (completed.stdout + completed.stderr)[-6000:]
             raise RuntimeError(f"python -m {module} {' '.join(args)} failed (exit {completed.returncode}):\n{output}")
         return json.loads(result.read_text())
-
-
-def library_versions(names: tuple[str, ...]) -> dict[str, str]:
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions

@@ -376,16 +376,18 @@ def export_adapter(
             save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(staging)
         (staging / "recipe.yaml").write_text(recipe.to_yaml())
-        adapters.write_metadata(
-            staging,
+        adapters.AdapterRecord(
+            folder=staging,
             name=recipe.lora.name,
-            base=base_record,
+            base=adapters.BaseRecord(**base_record),
             template=recipe.data.template,
             task=recipe.data.task,
-            lora={"r": recipe.lora.r, "alpha": recipe.lora.alpha, "target_modules": recipe.lora.target_modules},
-            data={"path": recipe.data.path, "examples": metrics["examples"]},
+            lora=adapters.LoraRecord(
+                r=recipe.lora.r, alpha=recipe.lora.alpha, target_modules=recipe.lora.target_modules
+            ),
+            data=adapters.DataRecord(path=recipe.data.path, examples=metrics["examples"]),
             metrics=metrics,
-        )
+        ).write()
 
 
 def _start_run_dir(run_dir: Path, recipe: Recipe, *, force: bool) -> None:

@@ -183,16 +183,15 @@ def test_merge_on_cuda_is_verified_and_answers_what_the_adapter_answers(
 
     with caplog.at_level(logging.INFO, logger="qlora_cli.merge"):
         summary = merge.run(str(straight.adapter), tmp_path / "merged")
-    assert summary["verified"] is True, summary
-    assert summary["source"] == "nf4" and summary["dtype"] == "bfloat16"
-    assert summary["relative_logit_diff"] <= merge.DEFAULT_TOLERANCE[torch.bfloat16]
+    assert summary.verified is True, summary
+    assert summary.source == "nf4" and summary.dtype == "bfloat16"
+    assert summary.relative_logit_diff <= merge.DEFAULT_TOLERANCE[torch.bfloat16]
     placed = [
         record.getMessage() for record in caplog.records if "verifying the merged model on" in record.getMessage()
     ]
-    assert placed and "cpu" not in placed[0] and "disk" not in placed[0], (
-        placed
-    )  # checked on the GPU, nothing offloaded
-    record_property("merge", f"relative logit difference {summary['relative_logit_diff']:.3g} ({placed[0]})")
+    # Checked on the GPU, nothing offloaded.
+    assert placed and "cpu" not in placed[0] and "disk" not in placed[0], placed
+    record_property("merge", f"relative logit difference {summary.relative_logit_diff:.3g} ({placed[0]})")
 
     # Independently: the merged model alone, plain transformers on the GPU, answers what 4-bit base + adapter answers.
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16, device_map={"": 0})

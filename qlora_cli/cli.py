@@ -346,19 +346,9 @@ RecipeNameArg = Annotated[str, typer.Argument(help="Recipe name, e.g. mistral7b-
 @recipes_app.command("list")
 def recipes_list() -> None:
     """Shipped recipes with their model, dataset and purpose."""
-    from rich.console import Console
-    from rich.table import Table
+    from qlora_cli.recipe import list_recipes, render_recipes
 
-    from qlora_cli.recipe import SHIPPED_RECIPES, describe_recipe
-
-    rows = [describe_recipe(path) for path in sorted(SHIPPED_RECIPES.glob("*.yaml"))]
-    table = Table(title=f"recipes in {SHIPPED_RECIPES}")
-    table.add_column("name", no_wrap=True, min_width=max(len(row["name"]) for row in rows))  # what users type next
-    for column in ("model", "data", "purpose"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*row.values())
-    Console().print(table)
+    _print(render_recipes(list_recipes()))
 
 
 @recipes_app.command("show")

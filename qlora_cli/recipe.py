@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -401,16 +402,44 @@ def find_recipe(path: str | Path) -> Path:
     )
 
 
-def describe_recipe(path: Path) -> dict[str, str]:
-    """Name, model, dataset and the one-line purpose (the comment under the run command)."""
-    data = yaml.safe_load(path.read_text()) or {}
-    comments = [line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")]
-    return {
-        "name": path.stem,
-        "model": str((data.get("model") or {}).get("id", "?")),
-        "data": str((data.get("data") or {}).get("path", "?")),
-        "purpose": comments[1] if len(comments) > 1 else "",
-    }
+@dataclass(frozen=True)
+class ShippedRecipe:
+    """One row of `qlora recipes list`: the name users type next, the model, the data and the purpose."""
+
+    name: str
+    model: str
+    data: str
+    purpose: str  # the comment line under the recipe's run command
+
+    @classmethod
+    def read(cls, path: Path) -> ShippedRecipe:
+        text = path.read_text()
+        data = yaml.safe_load(text) or {}
+        comments = [line[1:].strip() for line in text.splitlines() if line.startswith("#")]
+        return cls(
+            name=path.stem,
+            model=str((data.get("model") or {}).get("id", "?")),
+            data=str((data.get("data") or {}).get("path", "?")),
+            purpose=comments[1] if len(comments) > 1 else "",
+        )
+
+
+def list_recipes() -> list[ShippedRecipe]:
+    """Command `recipes list`."""
+    return [ShippedRecipe.read(path) for path in sorted(SHIPPED_RECIPES.glob("*.yaml"))]
+
+
+def render_recipes(recipes: list[ShippedRecipe]):
+    from rich.table import Table
+
+    table = Table(title=f"recipes in {SHIPPED_RECIPES}")
+    # The name is what users type next: never wrapped.
+    table.add_column("name", no_wrap=True, min_width=max(len(recipe.name) for recipe in recipes))
+    for column in ("model", "data", "purpose"):
+        table.add_column(column)
+    for recipe in recipes:
+        table.add_row(recipe.name, recipe.model, recipe.data, recipe.purpose)
+    return table
 
 
 def copy_recipe(name: str, dest: Path, *, force: bool = False) -> Path:

@@ -70,7 +70,7 @@ from rich.table import Table
 
 from benchmarks.bench_merge import proc_status_mib
 from qlora_cli.adapters import library_versions
-from qlora_cli.testing import build_base, run_in_fresh_process
+from qlora_cli.testing import SMALL_SHAPE, build_base, run_in_fresh_process
 
 log = logging.getLogger(__name__)
 
@@ -79,20 +79,11 @@ LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate
 # Model shapes, and the run each is sized for: `steps` measured optimizer steps of arm (c), the arm with the
 # most tokens per step, after `warmup` ones; the example set is sized to that, and the other arms take more,
 # smaller steps over the same examples. mistral7b is transformers.MistralConfig()'s defaults (d 4096, 32
-# layers, ffn 14336, 32/8 heads, vocab 32000); small runs in minutes on two CPU cores, with widths that are
-# multiples of 32 because bitsandbytes packs 4-bit CPU weights in 32-row blocks.
+# layers, ffn 14336, 32/8 heads, vocab 32000); small (testing.SMALL_SHAPE) runs in minutes on two CPU cores.
 SHAPES = {
     "mistral7b": {"config": {}, "max_length": 2048, "r": 64, "steps": 6, "warmup": 1},
     "small": {
-        "config": {
-            "vocab": 1024,
-            "hidden": 256,
-            "intermediate": 640,
-            "layers": 4,
-            "heads": 4,
-            "kv_heads": 2,
-            "max_positions": 1024,
-        },
+        "config": SMALL_SHAPE,
         "max_length": 256,
         "r": 8,
         "steps": 4,

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from benchmarks.bench import TokenCounter, paged_optimizer_bytes
 from qlora_cli.adapters import library_versions
-from qlora_cli.testing import build_base, run_in_fresh_process, save_base_config
+from qlora_cli.testing import SMALL_SHAPE, build_base, run_in_fresh_process, save_base_config
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +51,11 @@ STEPS = 3  # optimizer steps per configuration: the peak is reached in the first
 TARGET_ERROR = 0.10  # the issue's target: the prediction within 10% of the measured peak
 SEED = 0
 # Model shapes. mistral7b is transformers.MistralConfig()'s defaults (d 4096, 32 layers, ffn 14336, 32/8 heads,
-# vocab 32000): 7.24 B parameters, 14.5 GB in bf16. small runs the same code in seconds on CPU cores; its widths
-# are multiples of 32 because bitsandbytes packs 4-bit CPU weights in 32-row blocks.
+# vocab 32000): 7.24 B parameters, 14.5 GB in bf16. small (testing.SMALL_SHAPE) runs the same code in seconds on CPU cores.
 SHAPES = {
     "mistral7b": {"config": {}, "max_length": None},
     "small": {
-        "config": {
-            "vocab": 1024,
-            "hidden": 256,
-            "intermediate": 640,
-            "layers": 4,
-            "heads": 4,
-            "kv_heads": 2,
-            "max_positions": 1024,
-        },
+        "config": SMALL_SHAPE,
         "max_length": 128,
     },
 }

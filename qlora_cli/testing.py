@@ -94,6 +94,19 @@ def build_tokenizer(texts: list[str], vocab_size: int | None = None):
     )
 
 
+# A Mistral-shaped model small enough to train in minutes on two CPU cores (base_config keywords); widths
+# are multiples of 32 because bitsandbytes packs 4-bit CPU weights in 32-row blocks.
+SMALL_SHAPE = {
+    "vocab": 1024,
+    "hidden": 256,
+    "intermediate": 640,
+    "layers": 4,
+    "heads": 4,
+    "kv_heads": 2,
+    "max_positions": 1024,
+}
+
+
 def base_config(
     *,
     layers: int = 32,

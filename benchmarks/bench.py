@@ -587,7 +587,7 @@ def measure_in_fresh_process(arm: str, settings: Settings) -> dict:
 
 def matmul_peak_flops(device: str) -> float:
     """Dense matmul rate in the arms' compute dtype: the peak that MFU and HFU divide by.
-    On an H100 this gives about 790 TFLOP/s (bf16), the figure ANCHORS.md uses."""
+    On an H100 this measures about 790 TFLOP/s (bf16), below the data sheet's 989 dense peak."""
     import torch
 
     size, repeats = (8192, 20) if device == "cuda" else (1024, 10)

@@ -8,11 +8,10 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import json  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import yaml  # noqa: E402
 
 import qlora_cli  # noqa: E402,F401  (sets OMP_WAIT_POLICY before torch loads)
 
@@ -21,8 +20,7 @@ import qlora_cli  # noqa: E402,F401  (sets OMP_WAIT_POLICY before torch loads)
 # Mistral's real tokenizers (tests/real_tokenizers.py) as fixtures for every module.
 pytest_plugins = ["real_tokenizers"]
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "recipes" / "tiny"
+from helpers import REPO, TINY  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -31,23 +29,19 @@ def tiny_base() -> Path:
     return TINY / "base"
 
 
-def write_recipe(folder: Path, name: str = "tiny", **sections) -> Path:
-    """A small recipe on the shipped tiny base; keyword sections override keys, e.g. train={"max_steps": 4}."""
-    recipe = yaml.safe_load((REPO / "recipes" / "tiny-sql.yaml").read_text())
-    recipe["model"]["id"] = str(TINY / "base")
-    recipe["data"]["path"] = str(TINY / "sql" / "train.jsonl")
-    recipe["data"]["eval_path"] = str(TINY / "sql" / "test.jsonl")
-    recipe["lora"]["name"] = name
-    recipe["train"]["output_dir"] = str(folder / "runs" / name)
-    for section, values in sections.items():
-        recipe.setdefault(section, {}).update(values)
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+@pytest.fixture
+def run_cli(capsys, monkeypatch):
+    """`run_cli(ARGV)`: `qlora ARGV` in this process through the real entry point, as (exit code, stdout, stderr)."""
+    from qlora_cli.cli import main
 
+    def run(argv: list[str]) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["qlora", *argv])
+        with pytest.raises(SystemExit) as exited:
+            main()
+        captured = capsys.readouterr()
+        return exited.value.code, captured.out, captured.err
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return run
 
 
 @pytest.fixture(scope="session")

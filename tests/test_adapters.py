@@ -1,13 +1,12 @@
 """Many adapters on one base: trained once per session on the shipped tiny base, then switched, mixed, compared."""
 
 import json
-import sys
 
 import pytest
 import torch
-from conftest import TINY, read_jsonl
+from helpers import TINY
 
-from qlora_cli.cli import main
+from qlora_cli.data import read_jsonl
 from qlora_cli.errors import QloraError
 from qlora_cli.evaluate import exact_match
 from qlora_cli.generate import BASE, Sampling, open_session
@@ -20,15 +19,6 @@ JSON = read_jsonl(TINY / "json" / "test.jsonl")[:40]
 @pytest.fixture(scope="module")
 def session(trained_adapters):
     return open_session(["sql", "json"], home=str(trained_adapters))
-
-
-def run_cli(argv: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    """`qlora ARGV` in this process, through the real entry point: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["qlora", *argv])
-    with pytest.raises(SystemExit) as exited:
-        main()
-    captured = capsys.readouterr()
-    return exited.value.code, captured.out, captured.err
 
 
 def share(answers: list[str], prefix: str) -> float:
@@ -91,7 +81,7 @@ def test_plain_peft_loads_the_adapter_with_no_qlora_code(trained_adapters, sessi
     )
 
 
-def test_batch_mode_routes_each_row_to_its_adapter(trained_adapters, session, tmp_path, capsys, monkeypatch):
+def test_batch_mode_routes_each_row_to_its_adapter(trained_adapters, session, tmp_path, run_cli):
     prompts = tmp_path / "prompts.jsonl"
     rows = [{**SQL[0], "adapter": "sql"}, {**JSON[0], "adapter": "json"}]
     prompts.write_text(
@@ -112,8 +102,6 @@ def test_batch_mode_routes_each_row_to_its_adapter(trained_adapters, session, tm
             "--adapters-dir",
             str(trained_adapters),
         ],
-        capsys,
-        monkeypatch,
     )
     assert code == 0, err
     answers = read_jsonl(out)
@@ -122,7 +110,7 @@ def test_batch_mode_routes_each_row_to_its_adapter(trained_adapters, session, tm
     assert expected[0].startswith("SELECT") and expected[1].startswith("{")
 
 
-def test_compare_prints_base_and_adapter(trained_adapters, session, capsys, monkeypatch):
+def test_compare_prints_base_and_adapter(trained_adapters, session, run_cli):
     code, out, err = run_cli(
         [
             "generate",
@@ -135,17 +123,15 @@ def test_compare_prints_base_and_adapter(trained_adapters, session, capsys, monk
             "--adapters-dir",
             str(trained_adapters),
         ],
-        capsys,
-        monkeypatch,
     )
     assert code == 0, err
     assert "── none ──" in out and "── sql ──" in out and session.ask([SQL[1]], "sql")[0] in out
 
 
-def test_adapters_list_and_show(trained_adapters, capsys, monkeypatch):
-    code, out, _ = run_cli(["adapters", "list", "--adapters-dir", str(trained_adapters)], capsys, monkeypatch)
+def test_adapters_list_and_show(trained_adapters, run_cli):
+    code, out, _ = run_cli(["adapters", "list", "--adapters-dir", str(trained_adapters)])
     assert code == 0 and "sql" in out and "json" in out and "all-linear" in out
-    code, out, _ = run_cli(["adapters", "show", "sql", "--adapters-dir", str(trained_adapters)], capsys, monkeypatch)
+    code, out, _ = run_cli(["adapters", "show", "sql", "--adapters-dir", str(trained_adapters)])
     assert code == 0 and '"fingerprint": "sha256:' in out and "# recipe.yaml" in out
 
 
@@ -166,7 +152,7 @@ def test_merged_model_scores_what_the_adapter_scores(trained_adapters, session, 
     assert sum(a == b for a, b in zip(adapter_answers, merged_answers)) >= len(SQL) - 1
 
 
-def test_eval_puts_base_adapter_and_mix_in_one_table_and_json(trained_adapters, capsys, monkeypatch, tmp_path):
+def test_eval_puts_base_adapter_and_mix_in_one_table_and_json(trained_adapters, run_cli, monkeypatch, tmp_path):
     out = tmp_path / "eval.json"
     monkeypatch.chdir(TINY.parent.parent)  # the README's relative path, as a user types it
     code, printed, err = run_cli(
@@ -188,8 +174,6 @@ def test_eval_puts_base_adapter_and_mix_in_one_table_and_json(trained_adapters, 
             "--adapters-dir",
             str(trained_adapters),
         ],
-        capsys,
-        monkeypatch,
     )
     assert code == 0, err
     assert "exact" in printed and "execution" in printed and "mix" in printed  # rich wraps headers at 80 columns

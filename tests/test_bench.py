@@ -11,7 +11,7 @@ import sys
 from statistics import mean, median
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 from transformers import MistralConfig
 from trl import SFTConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling

@@ -1,20 +1,13 @@
 import subprocess
 import sys
-from pathlib import Path
 
-import yaml
+from helpers import REPO, qlora, write_recipe
 from typer.testing import CliRunner
 
 from qlora_cli.cli import app
 from qlora_cli.errors import ExitCode
 
-REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-
-
-def qlora(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """The real console entry point, in a subprocess: exit codes and stderr as a user sees them."""
-    return subprocess.run([sys.executable, "-m", "qlora_cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def test_help_imports_nothing_heavy():
@@ -36,19 +29,17 @@ def test_help_imports_nothing_heavy():
 
 
 def test_validate_ok():
-    result = runner.invoke(app, ["validate", str(REPO / "recipes" / "mistral7b-alpaca.yaml")])
+    path = REPO / "recipes" / "mistral7b-alpaca.yaml"
+    result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 0, result.output
-    assert "OK" in result.output
+    assert (
+        " ".join(result.output.split())
+        == f"{path}: OK (adapter 'mistral7b-alpaca', model mistralai/Mistral-7B-Instruct-v0.2)"
+    )
 
 
 def test_bad_recipe_exits_1_naming_the_key_without_traceback(tmp_path):
-    recipe = yaml.safe_load((REPO / "recipes" / "tiny-sql.yaml").read_text())
-    recipe["lora"]["rank"] = 8
-    recipe["model"]["id"] = str(REPO / "recipes" / "tiny" / "base")
-    recipe["data"]["path"] = str(REPO / "recipes" / "tiny" / "sql" / "train.jsonl")
-    recipe["data"]["eval_path"] = None
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path = write_recipe(tmp_path, "bad", lora={"rank": 8}, data={"eval_path": None})
     for command in ("validate", "train"):
         result = qlora(command, str(path), cwd=tmp_path)
         assert result.returncode == 1
@@ -59,25 +50,22 @@ def test_bad_recipe_exits_1_naming_the_key_without_traceback(tmp_path):
 
 def test_missing_recipe_file(tmp_path):
     result = qlora("train", "nope.yaml", cwd=tmp_path)
-    assert result.returncode == 1 and "recipe not found: nope.yaml" in result.stderr
+    assert result.returncode == 1 and result.stderr.startswith("error: recipe not found: nope.yaml; give a recipe file")
 
 
 def test_recipes_list_show_copy(tmp_path):
     listed = runner.invoke(app, ["recipes", "list"])
     assert listed.exit_code == 0
-    for name in ("mistral7b-alpaca", "llama3.1-8b-alpaca", "qwen2.5-14b-sql", "tiny-sql", "tiny-json"):
-        assert name in listed.output
+    names = {line.split("│")[1].strip() for line in listed.output.splitlines() if line.startswith("│")} - {""}
+    assert names == {path.stem for path in (REPO / "recipes").glob("*.yaml")}
     shown = runner.invoke(app, ["recipes", "show", "mistral7b-alpaca"])
     assert shown.exit_code == 0 and "mistralai/Mistral-7B-Instruct-v0.2" in shown.output
     copied = runner.invoke(app, ["recipes", "copy", "tiny-sql", str(tmp_path / "mine.yaml")])
     assert copied.exit_code == 0, copied.output
     assert runner.invoke(app, ["validate", str(tmp_path / "mine.yaml")]).exit_code == 0  # paths still resolve
-    again = subprocess.run(
-        [sys.executable, "-m", "qlora_cli", "recipes", "copy", "tiny-sql", str(tmp_path / "mine.yaml")],
-        capture_output=True,
-        text=True,
-    )
-    assert again.returncode == 1 and "already exists" in again.stderr
+    again = qlora("recipes", "copy", "tiny-sql", str(tmp_path / "mine.yaml"))
+    assert again.returncode == 1
+    assert again.stderr == f"error: {tmp_path / 'mine.yaml'} already exists; pass --force to replace it\n"
 
 
 def test_exit_codes_tell_a_plan_that_does_not_fit_and_a_crash_from_a_user_error(tmp_path):

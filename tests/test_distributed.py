@@ -2,25 +2,19 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, write_recipe
+from helpers import REPO, free_port, qlora, write_recipe
 
 from qlora_cli import checkpoints
+from qlora_cli.model import fingerprint_weights
 
 pytestmark = pytest.mark.pipeline
 QUICK = {"max_steps": 4, "logging_steps": 1, "save_steps": 4}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def history(run_dir: Path) -> list[dict]:
@@ -32,11 +26,8 @@ def test_two_cpu_processes_train_one_adapter_and_log_the_mean_loss(tmp_path, tin
     home = tmp_path / "adapters"
     single = write_recipe(tmp_path, "single", train=QUICK, data={"max_rows": 200, "eval_path": None})
     double = write_recipe(tmp_path, "double", train=QUICK, data={"max_rows": 200, "eval_path": None})
-    subprocess.run(
-        [sys.executable, "-m", "qlora_cli", "train", str(single), "--adapters-dir", str(home)],
-        check=True,
-        capture_output=True,
-    )
+    alone = qlora("train", str(single), "--adapters-dir", str(home))
+    assert alone.returncode == 0, alone.stderr[-3000:]
     launch = [
         sys.executable,
         "-m",
@@ -44,8 +35,12 @@ def test_two_cpu_processes_train_one_adapter_and_log_the_mean_loss(tmp_path, tin
         "--config_file",
         str(REPO / "configs" / "cpu-2proc.yaml"),
     ]
+    # A timeout far above a loaded machine's minutes: a rank that hangs in a collective fails the test.
     result = subprocess.run(
-        [*launch, "-m", "qlora_cli", "train", str(double), "--adapters-dir", str(home)], capture_output=True, text=True
+        [*launch, "-m", "qlora_cli", "train", str(double), "--adapters-dir", str(home)],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -98,7 +93,9 @@ def test_fsdp_wraps_the_4bit_model_and_the_adapter_is_written_whole(tmp_path, ti
         str(adapters),
     ]
     # Its own session: torchrun signals its whole process group when it shuts down, pytest included.
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, start_new_session=True)
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=env, cwd=tmp_path, start_new_session=True, timeout=900
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     saved = load_file(adapters / "sharded" / "adapter_model.safetensors")
     before = load_file(adapters / "before.safetensors")
@@ -106,4 +103,5 @@ def test_fsdp_wraps_the_4bit_model_and_the_adapter_is_written_whole(tmp_path, ti
     for name, tensor in saved.items():
         assert tensor.shape == before[name].shape and tensor.numel() > 0, name
         assert torch.equal(tensor, before[name]), name  # no optimizer step: the gathered adapter is the initial one
-    assert (adapters / "sharded" / "qlora.json").is_file()
+    record = json.loads((adapters / "sharded" / "qlora.json").read_text())
+    assert record["base"]["fingerprint"] == fingerprint_weights(tiny_base)

@@ -9,7 +9,7 @@ on CPU), the `gpu` test trains through it.
 
 import pytest
 import torch
-from conftest import write_recipe
+from helpers import write_recipe
 from torch.nn.attention.flex_attention import BlockMask, create_mask
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 

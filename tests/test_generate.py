@@ -1,9 +1,8 @@
 """Generation on the real stack: errors raised inside the generation thread reach the caller."""
 
-import threading
-
 import pytest
 import torch
+from helpers import finishes_within
 
 from qlora_cli.errors import QloraError
 from qlora_cli.generate import BASE, Sampling, open_session
@@ -16,21 +15,10 @@ def base_session(tiny_base):
     return open_session([BASE], base=str(tiny_base))
 
 
-def stream_in_thread(session, row, adapter, sampling):
-    """Drain session.stream in a thread; a regression then fails the test instead of hanging the suite."""
-    outcome: dict = {}
-
-    def drain():
-        try:
-            outcome["text"] = "".join(session.stream(row, adapter, sampling))
-        except BaseException as error:  # noqa: BLE001
-            outcome["error"] = error
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    reader.join(timeout=300)
-    assert not reader.is_alive(), "session.stream never returned after generation raised"
-    return outcome
+def stream(session, row, adapter, sampling) -> dict:
+    """Drain session.stream in a thread: {"value": the text} or {"error": what it raised}; a regression then fails
+    the test instead of hanging the suite."""
+    return finishes_within(300, lambda: "".join(session.stream(row, adapter, sampling)))
 
 
 @pytest.mark.parametrize(
@@ -47,7 +35,7 @@ def test_an_error_inside_generation_surfaces_instead_of_hanging(base_session, fa
 
     handle = base_session.model.register_forward_hook(fail_on_third_forward)
     try:
-        outcome = stream_in_thread(base_session, {"instruction": "List all users."}, BASE, Sampling(max_new_tokens=16))
+        outcome = stream(base_session, {"instruction": "List all users."}, BASE, Sampling(max_new_tokens=16))
     finally:
         handle.remove()
     error = outcome.get("error")
@@ -60,9 +48,9 @@ def test_an_error_inside_generation_surfaces_instead_of_hanging(base_session, fa
 
 
 def test_streaming_still_yields_the_answer(base_session):
-    outcome = stream_in_thread(base_session, {"instruction": "List all users."}, BASE, Sampling(max_new_tokens=8))
+    outcome = stream(base_session, {"instruction": "List all users."}, BASE, Sampling(max_new_tokens=8))
     assert "error" not in outcome
     assert (
-        outcome["text"].strip()
+        outcome["value"].strip()
         == base_session.ask([{"instruction": "List all users."}], BASE, Sampling(max_new_tokens=8))[0]
     )

@@ -12,12 +12,13 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, read_jsonl, write_recipe
+from helpers import REPO, TINY, finishes_within, qlora, step_losses, write_recipe
+
+from qlora_cli.data import read_jsonl
 
 pytestmark = [
     pytest.mark.gpu,
@@ -26,7 +27,6 @@ pytestmark = [
     ),
 ]
 
-REPO = Path(__file__).resolve().parents[1]
 SQL = read_jsonl(TINY / "sql" / "test.jsonl")
 GPU = {"device": "cuda", "compute_dtype": "bfloat16"}
 STEPS = 80  # about one epoch of the tiny SQL set: the loss falls well and answers end with EOS
@@ -77,14 +77,6 @@ def session(straight):
     from qlora_cli.generate import open_session
 
     return open_session([str(straight.adapter)])
-
-
-def step_losses(run_dir: Path) -> dict[int, float]:
-    from qlora_cli import checkpoints
-
-    final = checkpoints.latest_checkpoint(run_dir)
-    history = json.loads((final / "trainer_state.json").read_text())["log_history"]
-    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
 
 
 def test_tiny_recipe_trains_on_cuda_in_bf16_with_paged_adamw_and_the_loss_falls(straight, record_property):
@@ -152,13 +144,7 @@ def test_kill_9_then_resume_matches_the_straight_run_within_bf16_noise(straight,
     assert checkpoints.latest_checkpoint(run_dir).name == f"checkpoint-{HALF}"
     assert not (home / "gpu-resumed").exists()
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "qlora_cli", "train", str(recipe), "--adapters-dir", str(home), "--resume"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
+    resumed = qlora("train", str(recipe), "--adapters-dir", str(home), "--resume", cwd=REPO, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected, got = step_losses(straight.run_dir), step_losses(run_dir)
     assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
@@ -250,24 +236,6 @@ def fail_after_first_token(calls: list):
     return hook
 
 
-def run_without_hanging(target) -> dict:
-    """Run `target` in a thread; what it returned or raised, or a failed test if it is still running after
-    NO_HANG_SECONDS (the regression this guards against is a reader that waits forever)."""
-    outcome: dict = {}
-
-    def call() -> None:
-        try:
-            outcome["value"] = target()
-        except BaseException as error:  # noqa: BLE001 - SystemExit from the CLI included
-            outcome["error"] = error
-
-    thread = threading.Thread(target=call, name="generation-reader", daemon=True)
-    thread.start()
-    thread.join(timeout=NO_HANG_SECONDS)
-    assert not thread.is_alive(), f"generation hung for {NO_HANG_SECONDS} s after an error in the generation thread"
-    return outcome
-
-
 def test_an_injected_cuda_error_in_the_generation_thread_surfaces_as_one_qlora_error(session):
     from qlora_cli.errors import QloraError
     from qlora_cli.generate import Sampling
@@ -276,7 +244,9 @@ def test_an_injected_cuda_error_in_the_generation_thread_surfaces_as_one_qlora_e
     # PeftModel.generate calls the wrapped transformers model once per token: hook that one.
     handle = session.model.get_base_model().register_forward_hook(fail_after_first_token(calls))
     try:
-        outcome = run_without_hanging(lambda: list(session.stream(SQL[0], name, Sampling(max_new_tokens=32))))
+        outcome = finishes_within(
+            NO_HANG_SECONDS, lambda: list(session.stream(SQL[0], name, Sampling(max_new_tokens=32)))
+        )
     finally:
         handle.remove()
     assert isinstance(outcome.get("error"), QloraError), outcome
@@ -302,7 +272,7 @@ def test_an_injected_cuda_error_makes_qlora_generate_exit_1_with_one_line(straig
         "argv",
         ["qlora", "generate", "-a", str(straight.adapter), SQL[0]["instruction"], "--input", SQL[0]["input"]],
     )
-    outcome = run_without_hanging(main)
+    outcome = finishes_within(NO_HANG_SECONDS, main)
     captured = capsys.readouterr()
     assert isinstance(outcome.get("error"), SystemExit) and outcome["error"].code == 1, (outcome, captured.err[-2000:])
     assert "error: generation with adapter" in captured.err and "ran out of memory" in captured.err

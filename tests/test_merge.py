@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 import qlora_cli  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import write_recipe
+from helpers import write_recipe
 from safetensors.torch import load_file
 from trl import SFTTrainer
 

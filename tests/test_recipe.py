@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 from pydantic_core import PydanticUndefined
 
 from qlora_cli.errors import QloraError

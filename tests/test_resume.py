@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, write_recipe
+from helpers import QLORA, qlora, run_script, step_losses, write_recipe
 from safetensors.torch import load_file
 
 from qlora_cli import checkpoints, train
 from qlora_cli.errors import ExitCode, QloraError
-from qlora_cli.files import MARKER
 from qlora_cli.recipe import load_recipe
 
 pytestmark = pytest.mark.pipeline
@@ -31,14 +30,13 @@ QUICK = {"max_steps": STEPS, "save_steps": STEPS // 2, "logging_steps": 1, "lr":
 KILL_SEED = int(os.environ.get("QLORA_KILL_SEED", random.randrange(1000)))
 
 
-def train_command(recipe: Path, home: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "qlora_cli", "train", str(recipe), "--adapters-dir", str(home), *extra]
+def train_args(recipe: Path, home: Path, *extra: str) -> list[str]:
+    return ["train", str(recipe), "--adapters-dir", str(home), *extra]
 
 
-def step_losses(run_dir: Path) -> dict[int, float]:
-    final = checkpoints.latest_checkpoint(run_dir)
-    history = json.loads((final / "trainer_state.json").read_text())["log_history"]
-    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+def train_ok(recipe: Path, home: Path, *extra: str) -> None:
+    done = qlora(*train_args(recipe, home, *extra))
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def wait_for(predicate, process: subprocess.Popen, timeout: float = 600) -> None:
@@ -66,10 +64,10 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_base):
     home = tmp_path / "adapters"
     straight = write_recipe(tmp_path, "straight", train=QUICK, data={"max_rows": 200, "eval_path": None})
     resumed = write_recipe(tmp_path, "resumed", train=QUICK, data={"max_rows": 200, "eval_path": None})
-    subprocess.run(train_command(straight, home), check=True, capture_output=True)
+    train_ok(straight, home)
 
     process = subprocess.Popen(
-        train_command(resumed, home), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        [*QLORA, *train_args(resumed, home)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
     lines: list[str] = []
     threading.Thread(target=lambda: [lines.append(line) for line in process.stdout], daemon=True).start()
@@ -82,10 +80,10 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_base):
     process.send_signal(signal.SIGKILL)
     process.wait()
 
-    refused = subprocess.run(train_command(resumed, home), capture_output=True, text=True)
+    refused = qlora(*train_args(resumed, home))
     assert refused.returncode == ExitCode.RUN_INTERRUPTED, refused.stderr[-2000:]
     assert "holds an interrupted run" in refused.stderr and "--resume" in refused.stderr
-    subprocess.run(train_command(resumed, home, "--resume"), check=True, capture_output=True)
+    train_ok(resumed, home, "--resume")
 
     expected, got = step_losses(tmp_path / "runs" / "straight"), step_losses(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1)) == sorted(expected)
@@ -105,20 +103,14 @@ def test_resume_refuses_a_changed_recipe_unless_forced(tmp_path, tiny_base):
     recipe = write_recipe(
         tmp_path, "changed", train={**QUICK, "max_steps": 2, "save_steps": 1}, data={"max_rows": 40, "eval_path": None}
     )
-    subprocess.run(train_command(recipe, home), check=True, capture_output=True)
+    train_ok(recipe, home)
     # As if it had been interrupted after its checkpoints: no metrics, no adapter yet.
     (tmp_path / "runs" / "changed" / "metrics.json").unlink()
     shutil.rmtree(home / "changed")
-    changed = subprocess.run(
-        train_command(recipe, home, "--resume", "--set", "train.lr=1.0e-3", "--set", "train.batch_size=4"),
-        capture_output=True,
-        text=True,
-    )
+    changed = qlora(*train_args(recipe, home, "--resume", "--set", "train.lr=1.0e-3", "--set", "train.batch_size=4"))
     assert changed.returncode == ExitCode.USER_ERROR
     assert "train.lr: 0.002 -> 0.001" in changed.stderr and "train.batch_size: 16 -> 4" in changed.stderr
-    forced = subprocess.run(
-        train_command(recipe, home, "--resume", "--force", "--set", "train.max_steps=3"), capture_output=True, text=True
-    )
+    forced = qlora(*train_args(recipe, home, "--resume", "--force", "--set", "train.max_steps=3"))
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert json.loads((tmp_path / "runs" / "changed" / "metrics.json").read_text())["steps"] == 3
 
@@ -131,7 +123,9 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_143(tmp_path, tiny_base):
         train={**QUICK, "max_steps": 200, "save_steps": 1000},
         data={"max_rows": 400, "eval_path": None},
     )
-    process = subprocess.Popen(train_command(recipe, home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [*QLORA, *train_args(recipe, home)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     run_dir = tmp_path / "runs" / "spot"
     # The first logged step: the trainer, and the signal handler installed around it, are running.
     assert any(line.startswith("step 1/") for line in process.stdout), process.communicate()
@@ -195,30 +189,6 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, tiny_bas
     assert not (tmp_path / "adapters").exists() or not any((tmp_path / "adapters").iterdir())
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous_complete_one(tmp_path, caplog):
-    for step in (2, 4, 6):
-        staged = tmp_path / checkpoints.STAGING / f"checkpoint-{step}"
-        staged.mkdir(parents=True)
-        (staged / "adapter_model.safetensors").write_bytes(b"x" * 100)
-        checkpoints.commit(staged, tmp_path, keep=5)
-    (tmp_path / "checkpoint-6" / "adapter_model.safetensors").write_bytes(b"x" * 10)  # torn write
-    (tmp_path / "checkpoint-8").mkdir()  # a save that never finished: no manifest
-    assert checkpoints.latest_checkpoint(tmp_path).name == "checkpoint-4"
-    assert (
-        "checkpoint-8: no manifest" in caplog.text
-        and "checkpoint-6: adapter_model.safetensors has 10 bytes" in caplog.text
-    )
-
-
-def test_old_checkpoints_are_pruned_only_after_a_newer_one_is_complete(tmp_path):
-    for step in (1, 2, 3):
-        staged = tmp_path / checkpoints.STAGING / f"checkpoint-{step}"
-        staged.mkdir(parents=True)
-        (staged / "state.json").write_text("{}")
-        checkpoints.commit(staged, tmp_path, keep=2)
-    assert [p.name for p in checkpoints.all_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
-
-
 def test_a_planted_token_never_reaches_any_file(tmp_path, tiny_base, monkeypatch):
     token = "hf_" + "PlantedTokenForTheLeakTest" + "x" * 10
     monkeypatch.setenv("HF_TOKEN", token)
@@ -269,35 +239,16 @@ def test_the_run_folder_decides_the_exit_code_before_any_work(tmp_path, tiny_bas
     assert not home.exists()
 
 
-def test_records_read_back_from_the_run_folder(tmp_path):
-    (tmp_path / MARKER).write_text(json.dumps({"kind": "adapter", "name": "sql"}))
-    assert checkpoints.RunMarker.load(tmp_path) is None  # another output's marker is not a run's
-    checkpoints.RunMarker(adapter="sql").write(tmp_path)
-    run = checkpoints.RunFolder.load(tmp_path)
-    assert run.marker == checkpoints.RunMarker(adapter="sql") and run.recipe_yaml is None and not run.interrupted
-
-    staged = tmp_path / checkpoints.STAGING / "checkpoint-3"
-    staged.mkdir(parents=True)
-    (staged / "optimizer.pt").write_bytes(b"x" * 7)
-    checkpoints.commit(staged, tmp_path, keep=1)
-    assert checkpoints.Manifest.load(tmp_path / "checkpoint-3") == checkpoints.Manifest({"optimizer.pt": 7})
-    assert checkpoints.RunFolder.load(tmp_path).latest == tmp_path / "checkpoint-3"
-    (tmp_path / "checkpoint-3" / checkpoints.MANIFEST).write_text('{"files": ["optimizer.pt"]}')
-    assert checkpoints.problem(tmp_path / "checkpoint-3") == "unreadable manifest"
-
-
 def test_train_resilient_follows_the_real_exit_codes_to_a_fresh_start(tmp_path, tiny_base):
     # A run killed before its first checkpoint: plain train says RUN_EXISTS, --resume says NO_CHECKPOINT,
     # and the wrapper starts over with --force, which trains and exports.
     recipe, run_dir = started_run(tmp_path, "restart", max_steps=2, save_steps=1)
     home = tmp_path / "adapters"
-    result = subprocess.run(
-        ["bash", str(REPO / "scripts" / "train-resilient.sh"), "--backoff", "0", "--max-retries", "0"]
-        + [str(tmp_path / "restart.yaml"), "--adapters-dir", str(home)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "QLORA_VENV": str(Path(sys.executable).parent.parent)},
+    result = run_script(
+        "train-resilient.sh",
+        *("--backoff", "0", "--max-retries", "0", str(tmp_path / "restart.yaml"), "--adapters-dir", str(home)),
+        env={"QLORA_VENV": str(Path(sys.executable).parent.parent)},
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"qlora exited {int(ExitCode.RUN_EXISTS)}: switching to: resume" in result.stderr

@@ -7,8 +7,9 @@ when asked: QLORA_FULL_DEMO=1 bash scripts/test.sh tests/test_tiny_default.py -s
 import os
 
 import pytest
-from conftest import REPO, TINY, read_jsonl
+from helpers import REPO, TINY
 
+from qlora_cli.data import read_jsonl
 from qlora_cli.evaluate import exact_match
 from qlora_cli.generate import BASE, open_session
 

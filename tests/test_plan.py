@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO, write_recipe
 from rich.console import Console
 
 from qlora_cli import memory, plan
 from qlora_cli.errors import QloraError
 from qlora_cli.recipe import load_recipe
 
-REPO = Path(__file__).resolve().parent.parent
 MISTRAL_RECIPE = REPO / "recipes" / "mistral7b-alpaca.yaml"
 MISTRAL_7B = {
     "model_type": "mistral",
@@ -79,17 +79,16 @@ def test_flops_per_token_of_mistral_7b():
     assert plan.flops_per_token(MISTRAL_7B, no_checkpointing) / 1e9 == pytest.approx(31.3, rel=0.01)
 
 
-def write_recipe(tmp_path: Path, model_id: str) -> Path:
-    path = tmp_path / "plan.yaml"
-    path.write_text(f"model:\n  id: {model_id}\ndata:\n  path: org/rows\n  max_length: 1024\ntrain:\n  batch_size: 2\n")
-    return path
+def plan_recipe(tmp_path: Path, model_id: str) -> Path:
+    start = {"model": {"id": model_id}, "data": {"path": "org/rows", "max_length": 1024}, "train": {"batch_size": 2}}
+    return write_recipe(tmp_path, "plan", start=start)
 
 
 def test_run_reads_a_local_config_and_renders(tmp_path):
     model_dir = tmp_path / "base"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps(MISTRAL_7B))
-    recipe = load_recipe(write_recipe(tmp_path, "base"))
+    recipe = load_recipe(plan_recipe(tmp_path, "base"))
     result = plan.run(recipe, gpu_memory_gb=24, tokens_per_second=2000.0, dataset_tokens=7_200_000)
     assert result.config_source == str(model_dir.resolve() / "config.json")
     assert result.fits and result.suggestions == []
@@ -126,7 +125,7 @@ def test_local_folder_without_config_is_a_user_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(QloraError, match="no config.json"):
         plan.run(
-            load_recipe(write_recipe(tmp_path, "empty")),
+            load_recipe(plan_recipe(tmp_path, "empty")),
             gpu_memory_gb=None,
             tokens_per_second=None,
             dataset_tokens=None,
@@ -135,7 +134,7 @@ def test_local_folder_without_config_is_a_user_error(tmp_path):
 
 def test_offline_hub_id_says_how_to_point_at_a_local_config(tmp_path):
     # A fresh process, so huggingface_hub reads HF_HUB_OFFLINE and the empty cache at import.
-    recipe_path = write_recipe(tmp_path, "someone/never-downloaded-7b")
+    recipe_path = plan_recipe(tmp_path, "someone/never-downloaded-7b")
     script = (
         "from qlora_cli import plan\nfrom qlora_cli.errors import QloraError\nfrom qlora_cli.recipe import load_recipe\n"
         f"try:\n    plan.run(load_recipe({str(recipe_path)!r}), gpu_memory_gb=24, tokens_per_second=None, dataset_tokens=None)\n"

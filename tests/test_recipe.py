@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO
+from helpers import REPO, write_recipe
 from pydantic_core import PydanticUndefined
 
 from qlora_cli.errors import QloraError
@@ -18,25 +18,26 @@ from qlora_cli.recipe import SHIPPED_RECIPES, Recipe, copy_recipe, load_recipe
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
 
 
-def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
-    path = tmp_path / name
+def minimal(folder: Path) -> dict:
+    """The smallest valid recipe: a hub model id and a one-row data file."""
+    data = folder / "d.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    return {"model": {"id": "org/model"}, "data": {"path": str(data)}}
+
+
+def recipe_file(folder: Path, name: str = "r", **sections) -> Path:
+    return write_recipe(folder, name, start=minimal(folder), **sections)
+
+
+def text_file(folder: Path, text: str) -> Path:
+    path = folder / "r.yaml"
     path.write_text(text)
     return path
 
 
-def minimal(tmp_path: Path, **extra) -> dict:
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"instruction": "a", "output": "b"}\n')
-    recipe = {"model": {"id": "org/model"}, "data": {"path": str(data)}}
-    for section, values in extra.items():
-        recipe.setdefault(section, {}).update(values)
-    return recipe
-
-
-def error_of(tmp_path: Path, recipe, overrides=()) -> str:
-    text = recipe if isinstance(recipe, str) else yaml.safe_dump(recipe)
+def error_of(path: Path, overrides=()) -> str:
     with pytest.raises(QloraError) as caught:
-        load_recipe(write(tmp_path, text), overrides)
+        load_recipe(path, overrides)
     return str(caught.value)
 
 
@@ -47,80 +48,94 @@ def test_every_shipped_recipe_validates(path):
     assert recipe.lora.r > 0
 
 
-def test_real_recipe_is_the_qlora_setup():
-    recipe = load_recipe(REPO / "recipes" / "mistral7b-alpaca.yaml")
-    assert recipe.model.id == "mistralai/Mistral-7B-Instruct-v0.2"
-    assert (recipe.model.quant_type, recipe.model.double_quant, recipe.model.compute_dtype) == ("nf4", True, "bfloat16")
-    assert (recipe.lora.r, recipe.train.optim, recipe.data.max_length) == (64, "paged_adamw_32bit", 2048)
-
-
 def test_defaults_come_from_the_recipe_name(tmp_path):
-    recipe = load_recipe(write(tmp_path, yaml.safe_dump(minimal(tmp_path)), "support-bot.yaml"))
+    recipe = load_recipe(recipe_file(tmp_path, "support-bot"))
     assert recipe.lora.name == "support-bot"
     assert recipe.train.output_dir == "runs/support-bot"
-    assert recipe.train.optim == "paged_adamw_32bit"
 
 
 def test_unknown_keys_get_did_you_mean_and_all_errors_at_once(tmp_path):
     message = error_of(
-        tmp_path, minimal(tmp_path, lora={"rank": 8, "dropout": 1.5}, train={"learning_rate": 1.0, "epochz": 2})
+        recipe_file(tmp_path, lora={"rank": 8, "dropout": 1.5}, train={"learning_rate": 1.0, "epochz": 2})
     )
     assert "4 problem(s)" in message
     assert "lora.rank: unknown key; did you mean 'r'?" in message
     assert "train.learning_rate: unknown key; did you mean 'lr'?" in message
     assert "train.epochz: unknown key; did you mean 'epochs'?" in message
-    assert "lora.dropout" in message
+    assert "lora.dropout: Input should be less than 1 (got 1.5)" in message
 
 
 @pytest.mark.parametrize(
-    "section, values, key",
+    "section, values, line",
     [
-        ("lora", {"r": 0}, "lora.r"),
-        ("lora", {"alpha": -1}, "lora.alpha"),
-        ("lora", {"dropout": 1.0}, "lora.dropout"),
-        ("lora", {"target_modules": []}, "lora.target_modules"),
-        ("lora", {"name": "../evil"}, "lora.name"),
-        ("train", {"lr": 0}, "train.lr"),
-        ("train", {"batch_size": "four"}, "train.batch_size"),
-        ("model", {"quant_type": "int3"}, "model.quant_type"),
+        ("lora", {"r": 0}, "lora.r: Input should be greater than 0 (got 0)"),
+        ("lora", {"alpha": -1}, "lora.alpha: Input should be greater than 0 (got -1)"),
+        ("lora", {"dropout": 1.0}, "lora.dropout: Input should be less than 1 (got 1.0)"),
+        (
+            "lora",
+            {"target_modules": []},
+            "lora.target_modules: list at least one module name, or use 'all-linear' (got [])",
+        ),
+        (
+            "lora",
+            {"name": "../evil"},
+            "lora.name: adapter name '../evil' must be 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+            "or digit (got '../evil')",
+        ),
+        ("train", {"lr": 0}, "train.lr: Input should be greater than 0 (got 0)"),
+        (
+            "train",
+            {"batch_size": "four"},
+            "train.batch_size: Input should be a valid integer, unable to parse string as an integer (got 'four')",
+        ),
+        ("model", {"quant_type": "int3"}, "model.quant_type: Input should be 'nf4' or 'fp4' (got 'int3')"),
+        ("data", {"invalid_rows": "skip"}, "data.invalid_rows: Input should be 'fail' or 'drop' (got 'skip')"),
     ],
 )
-def test_bad_values_name_their_key(tmp_path, section, values, key):
-    assert key in error_of(tmp_path, minimal(tmp_path, **{section: values}))
+def test_bad_values_name_their_key(tmp_path, section, values, line):
+    message = error_of(recipe_file(tmp_path, **{section: values}))
+    assert message.splitlines() == [f"{tmp_path / 'r.yaml'}: 1 problem(s)", f"  {line}"]
 
 
 def test_contradictory_quantization_flags(tmp_path):
-    message = error_of(tmp_path, minimal(tmp_path, model={"load_in_4bit": False, "double_quant": True}))
+    message = error_of(recipe_file(tmp_path, model={"load_in_4bit": False, "double_quant": True}))
     assert "model: double_quant only apply with load_in_4bit: true" in message
 
 
 def test_remote_code_needs_a_pinned_revision(tmp_path):
-    assert "pinned revision" in error_of(tmp_path, minimal(tmp_path, model={"trust_remote_code": True}))
-    recipe = minimal(tmp_path, model={"trust_remote_code": True, "revision": "0123abcd"})
-    assert load_recipe(write(tmp_path, yaml.safe_dump(recipe))).model.trust_remote_code
+    assert error_of(recipe_file(tmp_path, model={"trust_remote_code": True})).endswith(
+        "\n  model: trust_remote_code: true needs a pinned revision (a commit hash), so the code you run is the code "
+        "you read"
+    )
+    pinned = recipe_file(tmp_path, model={"trust_remote_code": True, "revision": "0123abcd"})
+    assert load_recipe(pinned).model.trust_remote_code
 
 
 def test_access_token_in_a_recipe_is_refused(tmp_path):
-    message = error_of(tmp_path, minimal(tmp_path, model={"revision": "hf_" + "a1B2" * 9}))
-    assert "model.revision" in message and "HF_TOKEN" in message
+    message = error_of(recipe_file(tmp_path, model={"revision": "hf_" + "a1B2" * 9}))
+    assert (
+        message == "model.revision: looks like an access token; tokens never go in a recipe — export HF_TOKEN instead"
+    )
     assert "a1B2a1B2" not in message  # the token itself is never echoed
 
 
 def test_malformed_yaml_reports_line_and_column(tmp_path):
-    assert "line 3, column 1" in error_of(tmp_path, "model:\n  id: x\n\tbad: 1\n")
+    assert "line 3, column 1" in error_of(text_file(tmp_path, "model:\n  id: x\n\tbad: 1\n"))
 
 
 def test_recipe_must_be_a_mapping(tmp_path):
-    assert "must be a mapping" in error_of(tmp_path, "- model\n- lora\n")
+    assert "must be a mapping" in error_of(text_file(tmp_path, "- model\n- lora\n"))
 
 
 def test_missing_data_file_is_reported_with_schema_errors(tmp_path):
-    message = error_of(tmp_path, {"model": {"id": "org/m"}, "data": {"path": "nope.jsonl"}, "lora": {"r": 0}})
+    message = error_of(
+        write_recipe(tmp_path, "r", start={"model": {"id": "org/m"}, "data": {"path": "nope.jsonl"}, "lora": {"r": 0}})
+    )
     assert "data.path: file not found: nope.jsonl" in message and "lora.r" in message
 
 
 def test_overrides_are_typed_and_checked(tmp_path):
-    path = write(tmp_path, yaml.safe_dump(minimal(tmp_path)))
+    path = recipe_file(tmp_path)
     recipe = load_recipe(path, ["lora.r=8", "train.lr=1.0e-4", "lora.target_modules=[q_proj, v_proj]"])
     assert (recipe.lora.r, recipe.train.lr, recipe.lora.target_modules) == (8, 1.0e-4, ["q_proj", "v_proj"])
     with pytest.raises(QloraError, match="section.key=value"):
@@ -130,9 +145,7 @@ def test_overrides_are_typed_and_checked(tmp_path):
 
 
 def test_translators_carry_every_field(tmp_path):
-    recipe = load_recipe(
-        write(tmp_path, yaml.safe_dump(minimal(tmp_path, lora={"r": 8, "alpha": 16, "target_modules": ["q_proj"]})))
-    )
+    recipe = load_recipe(recipe_file(tmp_path, lora={"r": 8, "alpha": 16, "target_modules": ["q_proj"]}))
     quant = bnb_config(recipe.model)
     assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_use_double_quant
     assert str(quant.bnb_4bit_compute_dtype) == "torch.bfloat16"
@@ -142,19 +155,24 @@ def test_translators_carry_every_field(tmp_path):
 
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
 def test_bias_training_that_merge_cannot_carry_is_refused_before_training(tmp_path, bias):
-    message = error_of(tmp_path, minimal(tmp_path, lora={"bias": bias}))
-    assert "lora.bias" in message and "merge" in message
+    message = error_of(recipe_file(tmp_path, lora={"bias": bias}))
+    assert message.endswith(
+        f"\n  lora.bias: {bias!r} trains the base model's biases, which qlora merge cannot fold into the base; "
+        f"use none (got {bias!r})"
+    )
 
 
-def test_invalid_rows_takes_fail_or_drop(tmp_path):
-    assert load_recipe(write(tmp_path, yaml.safe_dump(minimal(tmp_path)))).data.invalid_rows == "fail"
-    assert "data.invalid_rows" in error_of(tmp_path, minimal(tmp_path, data={"invalid_rows": "skip"}))
+def test_invalid_rows_may_drop_bad_rows(tmp_path):
+    assert load_recipe(recipe_file(tmp_path, data={"invalid_rows": "drop"})).data.invalid_rows == "drop"
 
 
 @pytest.mark.parametrize("name", ["none", "mix", "None"])
 def test_adapter_names_that_mean_the_base_or_a_mix_are_refused(tmp_path, name):
-    message = error_of(tmp_path, minimal(tmp_path, lora={"name": name}))
-    assert "lora.name" in message and "reserved" in message
+    message = error_of(recipe_file(tmp_path, lora={"name": name}))
+    assert message.endswith(
+        f"\n  lora.name: adapter name {name!r} is reserved ('none' is the base alone, 'mix' a weighted combination); "
+        f"pick another (got {name!r})"
+    )
 
 
 def restated_defaults(path: Path) -> list[str]:
@@ -179,8 +197,8 @@ def test_shipped_recipes_list_only_what_differs_from_the_defaults(path):
 
 
 def test_a_restated_default_is_flagged(tmp_path):
-    recipe = minimal(tmp_path, lora={"name": "bot", "r": 16, "alpha": 8.0}, train={"output_dir": "runs/bot"})
-    assert restated_defaults(write(tmp_path, yaml.safe_dump(recipe), "bot.yaml")) == [
+    recipe = recipe_file(tmp_path, "bot", lora={"name": "bot", "r": 16, "alpha": 8.0}, train={"output_dir": "runs/bot"})
+    assert restated_defaults(recipe) == [
         "lora.name: 'bot'",
         "lora.r: 16",
         "train.output_dir: 'runs/bot'",
@@ -201,7 +219,7 @@ def test_a_shipped_recipe_loads_by_name_from_any_folder(tmp_path, monkeypatch):
         recipe = load_recipe(name)
         assert recipe.lora.name == "sql"
         assert Path(recipe.data.path) == (SHIPPED_RECIPES / "tiny" / "sql" / "train.jsonl").resolve()
-    (tmp_path / "tiny-sql.yaml").write_text(yaml.safe_dump(minimal(tmp_path)))
+    recipe_file(tmp_path, "tiny-sql")
     assert load_recipe("tiny-sql.yaml").model.id == "org/model"  # a file in the folder comes first
     message = str(pytest.raises(QloraError, load_recipe, "tiny-sq").value)
     assert message.startswith("recipe not found: tiny-sq;") and "tiny-sql" in message

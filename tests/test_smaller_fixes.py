@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import save_file
 
 from qlora_cli.generate import Session, parse_mix
-from qlora_cli.model import HUB_IGNORED, fingerprint_weights, weight_files
+from qlora_cli.model import fingerprint_weights, resolve_model_dir, weight_files
 from qlora_cli.prompts import REVERSE_INSTRUCTION, render_example
+from qlora_cli.recipe import ModelSection
 from qlora_cli.train import FP16_OVERFLOWS_TOLERATED, DivergenceGuard
 
 ROW = {"instruction": "Count the users.", "input": "table users (id)", "output": "SELECT COUNT(*) FROM users"}
@@ -45,11 +46,28 @@ def test_fp16_overflow_steps_are_skipped_and_only_a_lasting_non_finite_loss_stop
     assert DivergenceGuard(tolerated=0).must_stop(False)  # bf16/fp32: the first non-finite loss stops
 
 
-def test_mistral_consolidated_weights_are_neither_downloaded_nor_fingerprinted(tmp_path):
+def test_mistral_consolidated_weights_are_neither_downloaded_nor_fingerprinted(tmp_path, monkeypatch):
     save_file({"model.embed_tokens.weight": torch.ones(4, 4)}, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"]}))
     alone = fingerprint_weights(tmp_path)
     save_file({"tok_embeddings.weight": torch.zeros(4, 4)}, str(tmp_path / "consolidated.safetensors"))
     assert [path.name for path in weight_files(tmp_path)] == ["model.safetensors"]
     assert fingerprint_weights(tmp_path) == alone
-    assert any(pattern.startswith("consolidated") for pattern in HUB_IGNORED)
+
+    # The download, through the hub's own file filter (no network here: the hub call is the one thing stubbed).
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    asked = {}
+
+    def snapshot_download(repo_id, **patterns):
+        asked.update(patterns)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert resolve_model_dir(ModelSection(id="mistralai/Mistral-7B-v0.3")) == tmp_path
+    repo_files = ["config.json", "model.safetensors", "consolidated.safetensors", "tokenizer.model"]
+    fetched = filter_repo_objects(
+        repo_files, allow_patterns=asked["allow_patterns"], ignore_patterns=asked["ignore_patterns"]
+    )
+    assert list(fetched) == ["config.json", "model.safetensors", "tokenizer.model"]

@@ -125,7 +125,9 @@ def train(
     loaded = load_recipe(recipe, overrides or [])
     from qlora_cli import train as train_stage
 
-    train_stage.run(loaded, adapters_dir=adapters_dir, force=force, resume=resume, dry_run=dry_run)
+    trained = train_stage.run(loaded, adapters_dir=adapters_dir, force=force, resume=resume, dry_run=dry_run)
+    if trained is not None:
+        log.info(train_stage.render(trained))
 
 
 @app.command()

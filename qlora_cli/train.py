@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -189,9 +190,25 @@ class CheckpointingTrainer(SFTTrainer):
         return loss
 
 
+@dataclass(frozen=True)
+class Trained:
+    """What `train.run` wrote: the adapter, and the run folder with its report."""
+
+    name: str
+    adapter: Path
+    run_dir: Path
+    report: Path
+    metrics: dict[str, int | float | str]
+
+
+def render(trained: Trained) -> str:
+    return f"adapter {trained.name!r} written to {trained.adapter}; report: {trained.report}"
+
+
 def run(
     recipe: Recipe, *, adapters_dir: str | None = None, force: bool = False, resume: bool = False, dry_run: bool = False
-) -> Path | None:
+) -> Trained | None:
+    """Train as the recipe says; None for a dry run, and on every rank but the main one of a launch."""
     adapter_dir = adapters.adapter_path(recipe.lora.name, adapters_dir)
     run_dir = Path(recipe.train.output_dir)
     # Under `accelerate launch` every rank runs this function; only the main one writes files.
@@ -294,8 +311,7 @@ def run(
     report = write_report(
         run_dir, recipe=recipe, metrics=metrics, trainable=trainable, total=total, adapter_dir=adapter_dir, curve=curve
     )
-    log.info("adapter %r written to %s; report: %s", recipe.lora.name, adapter_dir, report)
-    return adapter_dir
+    return Trained(name=recipe.lora.name, adapter=adapter_dir, run_dir=run_dir, report=report, metrics=metrics)
 
 
 def check_sharding(recipe: Recipe) -> None:

@@ -68,7 +68,7 @@ def straight(tmp_path_factory) -> Straight:
     from qlora_cli.recipe import load_recipe
 
     run = Straight(tmp_path_factory.mktemp("gpu"))
-    run.adapter = train.run(load_recipe(run.recipe), adapters_dir=str(run.home))
+    run.adapter = train.run(load_recipe(run.recipe), adapters_dir=str(run.home)).adapter
     return run
 
 

@@ -57,7 +57,9 @@ def test_dry_run_shows_mask_and_counts_and_writes_nothing(tmp_path, tiny_base, c
 def test_export_is_a_complete_self_describing_adapter(tmp_path, tiny_base):
     recipe = load_recipe(write_recipe(tmp_path, train={"max_steps": 2}, data={"max_rows": 32}))
     home = tmp_path / "adapters"
-    adapter = train.run(recipe, adapters_dir=str(home))
+    trained = train.run(recipe, adapters_dir=str(home))
+    adapter = trained.adapter
+    assert trained.report == trained.run_dir / "report.md" and trained.report.is_file()
     files = {path.name for path in adapter.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "recipe.yaml", "qlora.json"} <= files
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)

@@ -26,7 +26,7 @@ def test_shipped_sql_recipe_reaches_90_percent_exact_match_and_the_base_stays_at
     from qlora_cli.recipe import load_recipe
 
     recipe = load_recipe(REPO / "recipes" / "tiny-sql.yaml", [f"train.output_dir={tmp_path / 'runs' / 'sql'}"])
-    adapter = train.run(recipe, adapters_dir=str(tmp_path / "adapters"))
+    adapter = train.run(recipe, adapters_dir=str(tmp_path / "adapters")).adapter
     held_out = read_jsonl(TINY / "sql" / "test.jsonl")
     session = open_session([str(adapter)])
     adapter_em, _ = exact_match(session, held_out, "sql")

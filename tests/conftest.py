@@ -8,7 +8,10 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -20,7 +23,9 @@ import qlora_cli  # noqa: E402,F401  (sets OMP_WAIT_POLICY before torch loads)
 # Mistral's real tokenizers (tests/real_tokenizers.py) as fixtures for every module.
 pytest_plugins = ["real_tokenizers"]
 
-from helpers import REPO, TINY  # noqa: E402
+from helpers import QLORA, REPO, TINY  # noqa: E402
+
+TRAINING = pytest.StashKey[tuple[Path, dict[str, subprocess.Popen]]]()
 
 
 @pytest.fixture(scope="session")
@@ -44,18 +49,50 @@ def run_cli(capsys, monkeypatch):
     return run
 
 
-@pytest.fixture(scope="session")
-def trained_adapters(tmp_path_factory) -> Path:
-    """The demo's two adapters (sql, json), trained once per session with the shipped recipes, shortened
-    to two epochs so the suite stays within CI's budget (the demo trains three)."""
-    from qlora_cli import train
-    from qlora_cli.recipe import load_recipe
+ADAPTER_TASKS = ("sql", "json")
 
-    home = tmp_path_factory.mktemp("adapters")
-    runs = tmp_path_factory.mktemp("runs")
-    for task in ("sql", "json"):
-        recipe = load_recipe(
-            REPO / "recipes" / f"tiny-{task}.yaml", [f"train.output_dir={runs / task}", "train.epochs=2.0"]
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected what will not run
+def pytest_collection_modifyitems(session, config, items):
+    """The demo's two adapters take most of the suite's CPU time to train. When a selected test needs them,
+    they start training now, in two background processes, and the tests that use them run last: the rest
+    of the suite runs meanwhile, and `trained_adapters` waits for the processes to finish."""
+    needs_adapters = [item for item in items if "trained_adapters" in getattr(item, "fixturenames", ())]
+    if not needs_adapters or config.option.collectonly:
+        return
+    items[:] = [item for item in items if item not in needs_adapters] + needs_adapters
+    folder = Path(tempfile.mkdtemp(prefix="qlora-trained-adapters-"))
+    # One thread each: two processes share the two cores better than one two-threaded run after another.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    config.stash[TRAINING] = (folder, {task: _start_training(task, folder, env) for task in ADAPTER_TASKS})
+
+
+def _start_training(task: str, folder: Path, env: dict) -> subprocess.Popen:
+    """`qlora train recipes/tiny-TASK.yaml` shortened to two epochs so the suite stays within CI's budget
+    (the demo trains three)."""
+    overrides = ["--set", f"train.output_dir={folder / 'runs' / task}", "--set", "train.epochs=2.0"]
+    command = [*QLORA, "train", str(REPO / "recipes" / f"tiny-{task}.yaml"), *overrides]
+    with (folder / f"{task}.log").open("w") as log:
+        return subprocess.Popen(
+            [*command, "--adapters-dir", str(folder / "adapters")], stdout=log, stderr=subprocess.STDOUT, env=env
         )
-        train.run(recipe, adapters_dir=str(home))
-    return home
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if TRAINING in session.config.stash:
+        folder, processes = session.config.stash[TRAINING]
+        for process in processes.values():
+            process.kill()  # a no-op for one that finished; stops one left running by -x or Ctrl-C
+            process.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def trained_adapters(pytestconfig) -> Path:
+    """The adapters home holding the demo's two adapters (sql, json), trained on the shipped tiny base."""
+    folder, processes = pytestconfig.stash[TRAINING]
+    for task, process in processes.items():
+        if process.wait() != 0:
+            log = (folder / f"{task}.log").read_text()[-3000:]
+            pytest.fail(f"training the {task} adapter failed (exit {process.returncode}):\n{log}")
+    return folder / "adapters"

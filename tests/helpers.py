@@ -15,6 +15,18 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny"
 BASH = shutil.which("bash") or "/bin/bash"
+# Mistral-7B's config.json, the shape the plan and memory tests hold to published figures.
+MISTRAL_7B = {
+    "model_type": "mistral",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+    "tie_word_embeddings": False,
+}
+MISTRAL_RECIPE = REPO / "recipes" / "mistral7b-alpaca.yaml"
 QLORA = (sys.executable, "-m", "qlora_cli")
 
 

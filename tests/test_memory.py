@@ -4,23 +4,12 @@ recipe setting. Pure arithmetic on config dicts: no files, no torch."""
 from __future__ import annotations
 
 import pytest
-from helpers import REPO
+from helpers import MISTRAL_7B, MISTRAL_RECIPE
 
 from qlora_cli import memory
 from qlora_cli.errors import QloraError
 from qlora_cli.recipe import load_recipe
 
-MISTRAL_RECIPE = REPO / "recipes" / "mistral7b-alpaca.yaml"
-MISTRAL_7B = {
-    "model_type": "mistral",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 32000,
-    "tie_word_embeddings": False,
-}
 LLAMA_3_8B = {**MISTRAL_7B, "model_type": "llama", "vocab_size": 128256}
 # q/k/v biases hard-coded by the architecture
 QWEN_2_5_7B = {

@@ -11,24 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, write_recipe
+from helpers import MISTRAL_7B, MISTRAL_RECIPE, REPO, write_recipe
 from rich.console import Console
 
 from qlora_cli import memory, plan
 from qlora_cli.errors import QloraError
 from qlora_cli.recipe import load_recipe
-
-MISTRAL_RECIPE = REPO / "recipes" / "mistral7b-alpaca.yaml"
-MISTRAL_7B = {
-    "model_type": "mistral",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 32000,
-    "tie_word_embeddings": False,
-}
 
 
 def mistral_recipe(*overrides: str):

@@ -110,9 +110,13 @@ trap 'on_signal TERM' TERM
 
 # Runs cmd and sets rc. Waits for qlora to exit, also after a signal, while it saves its checkpoint.
 run_attempt() {
+  rc=0
+  if [ -n "$stop_signal" ]; then return; fi  # stopped between attempts: start nothing
   "${cmd[@]}" &
   child=$!
-  rc=0
+  # A signal that came before $child was set found nothing to forward (the child may already have been
+  # running: on a busy machine it can start before this line does); forward it now.
+  if [ -n "$stop_signal" ]; then kill -TERM "$child" 2>/dev/null || true; fi
   while :; do
     if wait "$child"; then rc=0; else rc=$?; fi
     # wait returns early (>128) when a trapped signal arrives; keep waiting while qlora saves.

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +86,17 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def read_until(stream, text: str) -> str:
+    """Read a process's output line by line until a line contains `text`, the event a test waits for, and
+    return what was read; fail with it when the stream ends first."""
+    seen = []
+    for line in stream:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    pytest.fail("".join(seen))
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QLORA, qlora, run_script, step_losses, write_recipe
+from helpers import QLORA, qlora, read_until, run_script, step_losses, write_recipe
 from safetensors.torch import load_file
 
 from qlora_cli import checkpoints, train
@@ -131,16 +131,10 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_143(tmp_path, tiny_base):
     assert any(line.startswith("step 1/") for line in process.stdout), process.communicate()
     process.send_signal(signal.SIGTERM)
     # Once the handler has taken the first signal, a second one comes during the save and must not corrupt it.
-    handled = []
-    for line in process.stderr:
-        handled.append(line)
-        if "SIGTERM received: saving a checkpoint" in line:
-            break
-    else:
-        pytest.fail("".join(handled))
+    handled = read_until(process.stderr, "SIGTERM received: saving a checkpoint")
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
-    stderr = "".join(handled) + stderr
+    stderr = handled + stderr
     assert process.returncode == ExitCode.TERMINATED == 143, stderr
     assert "stopped by SIGTERM" in stderr and "--resume" in stderr
     saved = checkpoints.latest_checkpoint(run_dir)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import BASH, REPO, free_port, run_script, shellcheck
+from helpers import BASH, REPO, free_port, read_until, run_script, shellcheck
 
 from qlora_cli.errors import ExitCode, QloraError
 
@@ -289,16 +289,10 @@ def test_train_resilient_stops_on_sigterm_without_retrying(tmp_path: Path):
         cwd=REPO,
     )
     # The wrapper logs this line once its 60 s back-off has started and a signal can end it.
-    seen = []
-    for line in process.stderr:
-        seen.append(line)
-        if "retrying with --resume in 60s" in line:
-            break
-    else:
-        pytest.fail("".join(seen))
+    seen = read_until(process.stderr, "retrying with --resume in 60s")
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=30)
-    assert process.returncode == 143, "".join(seen) + stderr
+    assert process.returncode == 143, seen + stderr
     assert len(calls(tmp_path)) == 1
     assert "received SIGTERM while waiting: not retrying" in stderr
 

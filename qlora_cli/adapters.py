@@ -54,6 +54,7 @@ class LoraRecord(_Record):
 class DataRecord(_Record):
     path: str | None = None
     examples: int | None = None
+    columns: dict[str, str] = {}  # data.columns: eval reads held-out rows with the mapping training used
 
 
 class AdapterRecord(_Record):
@@ -65,6 +66,7 @@ class AdapterRecord(_Record):
 
     folder: Path = Field(exclude=True)
     name: str
+    recipe_file: str | None = None  # the recipe file it was trained from, so a name collision can name its owner
     base: BaseRecord = BaseRecord()
     template: Literal["alpaca"] = DEFAULT_TEMPLATE
     task: Literal["forward", "reverse"] = DEFAULT_TASK

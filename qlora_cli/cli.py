@@ -120,12 +120,14 @@ def train(
     adapters_dir: AdaptersDirOpt = None,
 ) -> None:
     """Fine-tune a LoRA adapter on a 4-bit base, as the recipe says."""
-    from qlora_cli.recipe import load_recipe
+    from qlora_cli.recipe import find_recipe, load_recipe
 
     loaded = load_recipe(recipe, overrides or [])
     from qlora_cli import train as train_stage
 
-    trained = train_stage.run(loaded, adapters_dir=adapters_dir, force=force, resume=resume, dry_run=dry_run)
+    trained = train_stage.run(
+        loaded, adapters_dir=adapters_dir, force=force, resume=resume, dry_run=dry_run, source=find_recipe(recipe)
+    )
     if trained is not None:
         log.info(train_stage.render(trained))
 

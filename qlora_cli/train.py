@@ -206,9 +206,16 @@ def render(trained: Trained) -> str:
 
 
 def run(
-    recipe: Recipe, *, adapters_dir: str | None = None, force: bool = False, resume: bool = False, dry_run: bool = False
+    recipe: Recipe,
+    *,
+    adapters_dir: str | None = None,
+    force: bool = False,
+    resume: bool = False,
+    dry_run: bool = False,
+    source: Path | None = None,
 ) -> Trained | None:
-    """Train as the recipe says; None for a dry run, and on every rank but the main one of a launch."""
+    """Train as the recipe says; None for a dry run, and on every rank but the main one of a launch.
+    `source` is the recipe file, recorded in the adapter."""
     adapter_dir = adapters.adapter_path(recipe.lora.name, adapters_dir)
     run_dir = Path(recipe.train.output_dir)
     # Under `accelerate launch` every rank runs this function; only the main one writes files.
@@ -301,6 +308,7 @@ def run(
             adapter_dir,
             force=force,
             state_dict=adapter_state,
+            source=source,
         )
     except OSError as error:
         raise QloraError(
@@ -376,9 +384,10 @@ def export_adapter(
     *,
     force: bool,
     state_dict: dict | None = None,
+    source: Path | None = None,
 ) -> None:
     """The self-describing adapter directory, visible only once complete. `state_dict` holds the
-    gathered adapter tensors of a sharded run (gathered_adapter_state)."""
+    gathered adapter tensors of a sharded run (gathered_adapter_state); `source` is the recipe file."""
     with atomic_directory(dest, force=force) as staging:
         # Given a state dict, peft does not call model.state_dict(), which under FSDP is a collective that
         # the other ranks would never join.
@@ -395,13 +404,14 @@ def export_adapter(
         adapters.AdapterRecord(
             folder=staging,
             name=recipe.lora.name,
+            recipe_file=str(source.resolve()) if source else None,
             base=adapters.BaseRecord(**base_record),
             template=recipe.data.template,
             task=recipe.data.task,
             lora=adapters.LoraRecord(
                 r=recipe.lora.r, alpha=recipe.lora.alpha, target_modules=recipe.lora.target_modules
             ),
-            data=adapters.DataRecord(path=recipe.data.path, examples=metrics["examples"]),
+            data=adapters.DataRecord(path=recipe.data.path, examples=metrics["examples"], columns=recipe.data.columns),
             metrics=metrics,
         ).write()
 

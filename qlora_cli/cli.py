@@ -159,6 +159,14 @@ def plan(
     dataset_tokens: Annotated[
         int | None, typer.Option("--dataset-tokens", help="Tokens in one epoch of the data, for the epoch time.")
     ] = None,
+    gpu: Annotated[
+        str | None,
+        typer.Option(
+            "--gpu",
+            help="The card to plan for: h200, h100, h100-pcie, a100-80gb, a100-40gb, l40s, a6000, rtx4090, rtx3090, "
+            "a10, l4, t4 (default: the one nvidia-smi finds). Sets its memory and speed.",
+        ),
+    ] = None,
 ) -> None:
     """Predict peak GPU memory and time per epoch from the model's config alone (no torch, no weights)."""
     from qlora_cli import plan as plan_stage
@@ -169,6 +177,7 @@ def plan(
         gpu_memory_gb=gpu_memory,
         tokens_per_second=tokens_per_second,
         dataset_tokens=dataset_tokens,
+        gpu=gpu,
     )
     _print(plan_stage.render(result))
     if result.fits is False:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +35,100 @@ from qlora_cli.recipe import Recipe, is_local
 
 log = logging.getLogger(__name__)
 
-# Dense bf16 matmul rate of an H100 (790 TFLOP/s measured) times the share a plain HF/TRL QLoRA stack reaches
-# (40-55% for a well-tuned one): the throughput assumed when none is measured or stated.
-ASSUMED_GPU = "an H100 at 40% of 790 TFLOP/s"
-ASSUMED_FLOPS_PER_SECOND = 0.40 * 790e12
+
+@dataclass(frozen=True)
+class Gpu:
+    key: str  # what --gpu takes
+    name: str
+    memory_gb: float  # as the vendor quotes it (see memory.GB)
+    peak_tflops: float  # dense bf16 tensor-core peak, no sparsity; fp16 on cards without bf16 (T4)
+
+
+# Datasheet figures of the cards people rent for QLoRA.
+GPUS = (
+    Gpu("h200", "H200", 141, 989),
+    Gpu("h100", "H100 SXM", 80, 989),
+    Gpu("h100-pcie", "H100 PCIe", 80, 756),
+    Gpu("a100-80gb", "A100 80GB", 80, 312),
+    Gpu("a100-40gb", "A100 40GB", 40, 312),
+    Gpu("l40s", "L40S", 48, 362),
+    Gpu("a6000", "RTX A6000", 48, 155),
+    Gpu("rtx4090", "RTX 4090", 24, 165),
+    Gpu("rtx3090", "RTX 3090", 24, 71),
+    Gpu("a10", "A10", 24, 125),
+    Gpu("l4", "L4", 24, 121),
+    Gpu("t4", "T4", 16, 65),
+)
+DEFAULT_GPU = GPUS[1]  # assumed when none is named or found
+
+# A plain HF/TRL QLoRA stack reaches about 32% of the datasheet peak on 7B-and-larger models (40% of the
+# 790 TFLOP/s an H100 really sustains on dense bf16 matmuls). Narrower models use the tensor cores less well:
+# the share falls in proportion to the hidden size below 4096. Whatever the FLOPs, every micro-step pays
+# kernel launches per layer and every optimizer step a fixed cost (optimizer, data, logging): on small models
+# these dominate, which is why a 4M-parameter model trains at thousands of tokens/s, not millions.
+LARGE_MODEL_SHARE = 0.32
+FULL_SHARE_HIDDEN = 4096
+LAYER_LAUNCH_SECONDS = 1.0e-3  # forward, recompute and backward kernels of one decoder layer, one micro-step
+STEP_OVERHEAD_SECONDS = 0.03
+
+
+# How nvidia-smi and people name the cards: (key, all of these, none of these), first match wins.
+GPU_NAMES = (
+    ("h200", ("h200",), ()),
+    ("h100-pcie", ("h100", "pcie"), ()),
+    ("h100", ("h100",), ()),
+    ("a100-80gb", ("a100", "80g"), ()),
+    ("a100-40gb", ("a100",), ()),
+    ("l40s", ("l40s",), ()),
+    ("a6000", ("a6000",), ()),
+    ("rtx4090", ("4090",), ()),
+    ("rtx3090", ("3090",), ()),
+    ("a10", ("a10",), ("a100", "a10g")),  # the A10G runs slower clocks than the A10: not assumed equal
+    ("l4", ("l4",), ("l40",)),
+    ("t4", ("t4",), ()),
+)
+
+
+def find_gpu(name: str) -> Gpu | None:
+    """The card of the table that `name` means: a key (h100) or what nvidia-smi prints ('NVIDIA A100-SXM4-80GB')."""
+    plain = name.lower().replace(" ", "").replace("-", "").replace("_", "")
+    by_key = {gpu.key: gpu for gpu in GPUS}
+    for key, wanted, unwanted in GPU_NAMES:
+        if all(part in plain for part in wanted) and not any(part in plain for part in unwanted):
+            return by_key[key]
+    return None
+
+
+def detect_gpu() -> tuple[str, float] | None:
+    """(name, memory in GiB) of the first GPU nvidia-smi lists; None without one. No torch: plan stays instant."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        listed = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    first = listed.stdout.strip().splitlines()[0] if listed.returncode == 0 and listed.stdout.strip() else ""
+    name, _, mib = first.rpartition(",")
+    try:
+        return name.strip(), float(mib) / 1024
+    except ValueError:
+        return None
+
+
+def assumed_throughput(config: dict, recipe: Recipe, gpu: Gpu) -> float:
+    """Tokens per second a QLoRA run of this recipe reaches on `gpu`, by the assumptions above."""
+    share = LARGE_MODEL_SHARE * min(1.0, model_shape(config).hidden / FULL_SHARE_HIDDEN)
+    train = recipe.train
+    micro_batch_tokens = train.batch_size * recipe.data.max_length
+    step_tokens = micro_batch_tokens * train.grad_accum
+    compute = step_tokens * flops_per_token(config, recipe) / (gpu.peak_tflops * 1e12 * share)
+    launches = train.grad_accum * model_shape(config).layers * LAYER_LAUNCH_SECONDS
+    return step_tokens / (compute + launches + STEP_OVERHEAD_SECONDS)
 
 
 def _with(recipe: Recipe, section: str, **changes) -> Recipe:
@@ -65,70 +157,102 @@ def _halvings(value: int, floor: int) -> list[int]:
     return values
 
 
-def suggest(estimate_: Estimate, budget_bytes: float, recipe: Recipe) -> list[str]:
-    """Changes that bring the predicted peak under budget, each with its new peak: every single change that
-    fits (the mildest step of each kind); when none does alone, the fewest of them, taken in the order below,
-    that fit together. Empty when even all of them do not fit."""
+@dataclass(frozen=True)
+class Suggestion:
+    """A change to the recipe, as the --set flags that make it, and the peak it predicts."""
+
+    changes: tuple[tuple[str, object], ...]  # (section.key, value)
+    peak_bytes: int
+    note: str = ""
+
+    @property
+    def flags(self) -> str:
+        return " ".join(f"--set {key}={_yaml_value(value)}" for key, value in self.changes)
+
+    def __str__(self) -> str:
+        # The flags come last so that a line pastes into a shell; the note is a shell comment.
+        return f"{self.peak_bytes / GB:5.1f} GB  {self.flags}" + (f"  # {self.note}" if self.note else "")
+
+
+def _yaml_value(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _candidates(recipe: Recipe) -> list[tuple[str, str, dict, str]]:
+    """(kind, section, changes, note) that lower the peak; within a kind, milder steps first."""
     train, lora, data = recipe.train, recipe.lora, recipe.data
-    # (kind, description, section, changes); within a kind, milder steps first.
-    candidates: list[tuple[str, str, str, dict]] = []
+    candidates: list[tuple[str, str, dict, str]] = []
     if not train.gradient_checkpointing:
-        candidates.append(
-            (
-                "checkpointing",
-                "train.gradient_checkpointing false -> true (~30% slower)",
-                "train",
-                {"gradient_checkpointing": True},
-            )
-        )
+        candidates.append(("checkpointing", "train", {"gradient_checkpointing": True}, "~30% slower"))
     for batch in _halvings(train.batch_size, 1):
         accum = train.grad_accum * train.batch_size // batch
-        candidates.append(
-            (
-                "batch",
-                f"train.batch_size {train.batch_size} -> {batch}, train.grad_accum {train.grad_accum} -> {accum} "
-                "(same effective batch)",
-                "train",
-                {"batch_size": batch, "grad_accum": accum},
-            )
-        )
+        candidates.append(("batch", "train", {"batch_size": batch, "grad_accum": accum}, "same effective batch"))
     if train.optim in ("paged_adamw_32bit", "adamw_torch"):
         eight_bit = "paged_adamw_8bit" if train.optim == "paged_adamw_32bit" else "adamw_bnb_8bit"
-        candidates.append(("optimizer", f"train.optim {train.optim} -> {eight_bit}", "train", {"optim": eight_bit}))
+        candidates.append(("optimizer", "train", {"optim": eight_bit}, ""))
     if not train.activation_offloading:
-        candidates.append(
-            (
-                "offloading",
-                "train.activation_offloading false -> true (some speed)",
-                "train",
-                {"activation_offloading": True},
-            )
-        )
+        candidates.append(("offloading", "train", {"activation_offloading": True}, "some speed"))
     for length in _halvings(data.max_length, 256):
-        change = f"data.max_length {data.max_length} -> {length} (longer examples are truncated)"
-        candidates.append(("length", change, "data", {"max_length": length}))
+        candidates.append(("length", "data", {"max_length": length}, "longer examples are truncated"))
     for rank in _halvings(lora.r, 8):
-        candidates.append(("rank", f"lora.r {lora.r} -> {rank}", "lora", {"r": rank}))
+        candidates.append(("rank", "lora", {"r": rank}, ""))
+    return candidates
 
+
+def _flags(section: str, changes: dict) -> tuple[tuple[str, object], ...]:
+    return tuple((f"{section}.{key}", value) for key, value in changes.items())
+
+
+def suggest(estimate_: Estimate, budget_bytes: float, recipe: Recipe) -> list[Suggestion]:
+    """Changes that bring the predicted peak under budget: every single change that fits (the mildest step of
+    each kind); when none does alone, the fewest of them, taken in order, that fit together. Empty when even
+    all of them do not fit."""
+    candidates = _candidates(recipe)
     suggestions, fitted_kinds = [], set()
-    for kind, change, section, changes in candidates:
+    for kind, section, changes, note in candidates:
         if kind in fitted_kinds:
             continue
         peak = _re_estimate(estimate_, _with(recipe, section, **changes)).total
         if peak <= budget_bytes:
             fitted_kinds.add(kind)
-            suggestions.append(f"{change}: {peak / GB:.1f} GB")
+            suggestions.append(Suggestion(_flags(section, changes), peak, note))
     if suggestions:
         return suggestions
 
     combined, applied = recipe, {}
-    for kind, change, section, changes in candidates:
+    for kind, section, changes, _ in candidates:
         combined = _with(combined, section, **changes)
-        applied[kind] = change.split(" (", 1)[0]  # the latest step of each kind replaces the milder one
+        applied[kind] = _flags(section, changes)  # the latest step of each kind replaces the milder one
         peak = _re_estimate(estimate_, combined).total
         if peak <= budget_bytes:
-            return [f"all of: {'; '.join(applied.values())}: {peak / GB:.1f} GB"]
+            return [Suggestion(tuple(flag for flags in applied.values() for flag in flags), peak, "all together")]
     return []
+
+
+def spend_headroom(estimate_: Estimate, budget_bytes: float, recipe: Recipe) -> list[Suggestion]:
+    """With memory to spare, the changes that still fit and make training faster."""
+    train = recipe.train
+    options: list[tuple[str, dict, str]] = []
+    if train.gradient_checkpointing:
+        options.append(("train", {"gradient_checkpointing": False}, "no recomputation: ~30% faster"))
+    if train.activation_offloading:
+        options.append(("train", {"activation_offloading": False}, "no CPU round trips"))
+    if train.grad_accum >= 2:
+        options.append(
+            (
+                "train",
+                {"batch_size": train.batch_size * 2, "grad_accum": train.grad_accum // 2},
+                "same effective batch, fuller steps",
+            )
+        )
+    else:
+        options.append(("train", {"batch_size": train.batch_size * 2}, "twice the effective batch"))
+    spent = []
+    for section, changes, note in options:
+        peak = _re_estimate(estimate_, _with(recipe, section, **changes)).total
+        if peak <= budget_bytes:
+            spent.append(Suggestion(_flags(section, changes), peak, note))
+    return spent
 
 
 def flops_per_token(config: dict, recipe: Recipe) -> float:
@@ -158,7 +282,9 @@ class Plan:
     estimate: Estimate
     config_source: str
     budget_bytes: float | None
-    suggestions: list[str]
+    suggestions: list[Suggestion]  # when it does not fit
+    headroom: list[Suggestion]  # when it fits with room to spare
+    gpu: str  # the card the figures are for, and how it was chosen
     tokens_per_second: float
     throughput_source: str
     dataset_tokens: int | None
@@ -202,24 +328,57 @@ def load_config(recipe: Recipe) -> tuple[dict, str]:
     return config, str(path)
 
 
+def choose_gpu(named: str | None) -> tuple[Gpu, float | None, str]:
+    """The card to plan for, its memory in GB when known, and a phrase saying how it was chosen."""
+    if named:
+        gpu = find_gpu(named)
+        if gpu is None:
+            known = ", ".join(gpu.key for gpu in GPUS)
+            raise QloraError(f"--gpu {named!r}: not a card qlora knows; use one of {known}, or --tokens-per-second")
+        return gpu, gpu.memory_gb, f"{gpu.name} (--gpu)"
+    found = detect_gpu()
+    if found is None:
+        return DEFAULT_GPU, None, f"{DEFAULT_GPU.name} (no GPU here; name yours with --gpu, e.g. --gpu l4)"
+    name, memory_gib = found
+    gpu = find_gpu(name)
+    if gpu is None:
+        return (
+            DEFAULT_GPU,
+            memory_gib,
+            f"{name} (found; not in qlora's table, its speed assumed an {DEFAULT_GPU.name}'s)",
+        )
+    return gpu, memory_gib, f"{name} (found on this machine)"
+
+
 def run(
-    recipe: Recipe, *, gpu_memory_gb: float | None, tokens_per_second: float | None, dataset_tokens: int | None
+    recipe: Recipe,
+    *,
+    gpu_memory_gb: float | None,
+    tokens_per_second: float | None,
+    dataset_tokens: int | None,
+    gpu: str | None = None,
 ) -> Plan:
-    """Resolve the config, estimate memory, suggest changes when it does not fit, and time an epoch."""
+    """Resolve the config, estimate memory, suggest changes (to fit, or to spend the room left), and time an epoch."""
     config, source = load_config(recipe)
+    card, card_memory_gb, card_source = choose_gpu(gpu)
     predicted = estimate(config, recipe)
-    budget = None if gpu_memory_gb is None else gpu_memory_gb * GB
-    suggestions = suggest(predicted, budget, recipe) if budget is not None and predicted.total > budget else []
+    memory_gb = gpu_memory_gb if gpu_memory_gb is not None else card_memory_gb
+    budget = None if memory_gb is None else memory_gb * GB
+    fits = budget is not None and predicted.total <= budget
+    suggestions = suggest(predicted, budget, recipe) if budget is not None and not fits else []
+    headroom = spend_headroom(predicted, budget, recipe) if fits else []
     if tokens_per_second:
         throughput_source = "stated"
     else:
-        tokens_per_second = ASSUMED_FLOPS_PER_SECOND / flops_per_token(config, recipe)
-        throughput_source = f"assumed: {ASSUMED_GPU}; state a measured figure with --tokens-per-second"
+        tokens_per_second = assumed_throughput(config, recipe, card)
+        throughput_source = f"assumed for {card.name}; give a measured figure with --tokens-per-second"
     return Plan(
         estimate=predicted,
         config_source=source,
         budget_bytes=budget,
         suggestions=suggestions,
+        headroom=headroom,
+        gpu=card_source,
         tokens_per_second=tokens_per_second,
         throughput_source=throughput_source,
         dataset_tokens=dataset_tokens,
@@ -315,17 +474,20 @@ def render(plan: Plan) -> Group:
     table.add_section()
     table.add_row("total", f"{plan.estimate.total / GB:.2f}", "", style="bold")
 
-    lines: list = [table]
+    lines: list = [table, Text(f"GPU: {plan.gpu}")]
     if plan.budget_bytes is None:
-        lines.append(Text("Pass the GPU's memory (--gpu-memory GB) to check the fit."))
+        lines.append(Text("Pass the GPU's memory (--gpu-memory GB) or its name (--gpu) to check the fit."))
     elif plan.fits:
         headroom = (plan.budget_bytes - plan.estimate.total) / GB
         lines.append(Text(f"Fits {plan.budget_bytes / GB:.1f} GB with {headroom:.1f} GB headroom.", style="green"))
+        if plan.headroom:
+            lines.append(Text("Room to spare; these still fit and train faster (new predicted peak, flags):"))
+            lines.extend(Text(f"  {suggestion}") for suggestion in plan.headroom)
     else:
         over = (plan.estimate.total - plan.budget_bytes) / GB
         lines.append(Text(f"Does not fit {plan.budget_bytes / GB:.1f} GB: {over:.1f} GB over.", style="bold red"))
         if plan.suggestions:
-            lines.append(Text("Changes that would fit (new predicted peak):"))
+            lines.append(Text("Changes that would fit (new predicted peak, flags for qlora train):"))
             lines.extend(Text(f"  {suggestion}") for suggestion in plan.suggestions)
         else:
             lines.append(

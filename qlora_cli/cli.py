@@ -88,12 +88,13 @@ def _print(renderable) -> None:
 
 
 @app.command()
-def validate(recipe: RecipeArg, overrides: SetOpt = None) -> None:
+def validate(recipe: RecipeArg, overrides: SetOpt = None, adapters_dir: AdaptersDirOpt = None) -> None:
     """Check a recipe without loading any weights."""
-    from qlora_cli.recipe import load_recipe
+    from qlora_cli import preflight
+    from qlora_cli.recipe import find_recipe, load_recipe
 
     loaded = load_recipe(recipe, overrides or [])
-    typer.echo(f"{recipe}: OK (adapter {loaded.lora.name!r}, model {loaded.model.id})")
+    typer.echo(preflight.render(preflight.run(loaded, find_recipe(recipe), adapters_dir=adapters_dir)))
 
 
 @app.command()
@@ -382,7 +383,7 @@ def recipes_copy(
     from qlora_cli.recipe import copy_recipe
 
     written = copy_recipe(name, dest, force=force)
-    typer.echo(f"wrote {written}; edit it, then: qlora validate {written}")
+    typer.echo(f"wrote {written} (its adapter: {written.stem}); edit it, then: qlora validate {written}")
 
 
 adapters_app = typer.Typer(help="Find and inspect trained adapters.", no_args_is_help=True)

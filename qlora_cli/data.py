@@ -9,24 +9,35 @@ must produce after `generate` feeds it that prompt.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
 import random
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-
-from datasets import Dataset, load_dataset
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Protocol
 
 from qlora_cli.errors import QloraError
 from qlora_cli.prompts import render_example
-from qlora_cli.recipe import DataSection, TrainSection, is_local
+from qlora_cli.recipe import DATA_SUFFIXES, DataSection, TrainSection, is_local
+
+if TYPE_CHECKING:  # datasets and transformers load in seconds; `qlora validate` checks data without them
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value the loss skips (prompt tokens)
 REQUIRED_FIELDS = ("instruction", "output")
+# Column names datasets commonly use for the alpaca fields: the first guess when a file lacks the field itself.
+USUAL_COLUMNS = {
+    "instruction": ("question", "prompt", "query", "instruction_text", "text"),
+    "input": ("context", "input_text"),
+    "output": ("answer", "response", "completion", "target", "output_text"),
+}
+SHOWN_ROWS = 5  # bad rows an error lists; its count covers the rest
 DEFAULT_SEED: int = TrainSection.model_fields["seed"].default  # train.seed's default; the schema stays its only home
 
 
@@ -49,18 +60,24 @@ def rename_columns(rows: list[dict], columns: dict[str, str]) -> list[dict]:
 
 def read_rows(path: str, *, split: str = "train", max_rows: int | None = None) -> list[dict]:
     """Rows from a local .jsonl/.json/.csv/.parquet file or a hub dataset split."""
+    from datasets import load_dataset
+
     if is_local(path):
         suffix = Path(path).suffix.lower()
+        if Path(path).is_dir():
+            raise QloraError(f"data.path: {path} is a folder; name a {', '.join(DATA_SUFFIXES)} file in it")
+        if suffix not in DATA_SUFFIXES:
+            raise QloraError(
+                f"data.path: {path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet"
+            )
+        if not Path(path).is_file():
+            raise QloraError(f"data.path: file not found: {path}")
         if suffix == ".jsonl":
             rows = read_jsonl(Path(path))
         elif suffix == ".json":
             rows = _read_json(Path(path))
-        elif suffix in (".csv", ".parquet"):
-            rows = load_dataset(suffix[1:], data_files=path, split="train").to_list()
         else:
-            raise QloraError(
-                f"data.path: {path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet"
-            )
+            rows = load_dataset(suffix[1:], data_files=path, split="train").to_list()
     else:
         try:
             rows = load_dataset(path, split=split).to_list()
@@ -158,6 +175,173 @@ def valid_rows(rows: list[dict], source: str, invalid_rows: str) -> list[dict]:
     return kept
 
 
+class RowSource(Protocol):
+    """What check_data reads: a DataSection, or any object with these fields (RowFile for a file read alone)."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def split(self) -> str: ...
+    @property
+    def columns(self) -> Mapping[str, str]: ...
+    @property
+    def max_rows(self) -> int | None: ...
+    @property
+    def invalid_rows(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class RowFile:
+    """A RowSource for data read on its own: a recipe's eval_path, or `qlora eval --data`."""
+
+    path: str
+    split: str = "train"
+    columns: Mapping[str, str] = field(default_factory=dict)
+    max_rows: int | None = None
+    invalid_rows: str = "fail"
+
+
+@dataclass(frozen=True)
+class BadRow:
+    number: int  # 1-based, in file order (a JSONL file's line number when it has no blank lines)
+    reason: str
+
+    def __str__(self) -> str:
+        return f"row {self.number}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class CheckedData:
+    """One data source read and checked, before any tokenizer or weights: what validate prints and
+    build_dataset tokenizes."""
+
+    path: str
+    columns: tuple[str, ...]  # the file's own columns, in the order they first appear
+    total: int  # rows read (after data.max_rows)
+    rows: tuple[dict, ...]  # the rows that can train, alpaca fields filled from data.columns
+    bad: tuple[BadRow, ...]  # every row that cannot train; skipped under data.invalid_rows: drop
+
+    def render(self) -> str:
+        dropped = f"; {len(self.bad)} would be dropped (data.invalid_rows: drop)" if self.bad else ""
+        return (
+            f"{self.path}: {len(self.rows)} of {self.total} rows can train{dropped}; columns {', '.join(self.columns)}"
+        )
+
+
+@dataclass(frozen=True)
+class CheckedSection:
+    """The data section's sources, checked together."""
+
+    train: CheckedData | None  # None: a hub dataset left unread (validate downloads nothing)
+    eval: CheckedData | None  # None: no eval_path, or a hub split left unread
+
+
+def check_data(source: RowSource) -> CheckedData:
+    """Read every row of one source and check it; one QloraError lists every problem (see check_section)."""
+    checked, problems = _inspect(source)
+    _raise_problems(problems)
+    return checked
+
+
+def check_section(section: DataSection, *, read_hub: bool = True) -> CheckedSection:
+    """Every check `train` makes on its data before a tokenizer or weights are loaded: the files exist and have a
+    supported format, data.columns names columns the file has, every row can train. One QloraError lists the
+    problems of the training and evaluation data together. `read_hub=False` leaves hub datasets unread."""
+    checked, problems = inspect_section(section, read_hub=read_hub)
+    _raise_problems(problems)
+    return checked
+
+
+def inspect_section(section: DataSection, *, read_hub: bool = True) -> tuple[CheckedSection, list[str]]:
+    """check_section's result and the problems it would raise, for a caller that reports more (validate)."""
+    sources = [section]
+    if section.eval_path is not None:
+        local_eval = is_local(section.eval_path)
+        sources.append(
+            RowFile(
+                path=section.eval_path if local_eval else section.path,
+                split="train" if local_eval else section.eval_path,
+                columns=section.columns,
+                invalid_rows=section.invalid_rows,
+            )
+        )
+    checked: list[CheckedData | None] = []
+    problems: list[str] = []
+    for source in sources:
+        if not read_hub and not is_local(source.path):
+            checked.append(None)
+            continue
+        result, found = _inspect(source)
+        checked.append(result)
+        problems += found
+    return CheckedSection(train=checked[0], eval=checked[1] if len(checked) > 1 else None), problems
+
+
+def _raise_problems(problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise QloraError(problems[0])
+    if problems:
+        raise QloraError(f"data: {len(problems)} problems\n" + "\n".join(f"  {problem}" for problem in problems))
+
+
+def _inspect(source: RowSource) -> tuple[CheckedData | None, list[str]]:
+    """(the checked data, the problems found). A file that cannot be read at all is one problem."""
+    try:
+        raw = read_rows(source.path, split=source.split, max_rows=source.max_rows)
+    except QloraError as error:
+        return None, [str(error)]
+    columns = tuple(dict.fromkeys(key for row in raw if isinstance(row, dict) for key in row))
+    problems = column_problems(source.path, columns, source.columns)
+    if problems:  # a missing column fails every row: the rows would only repeat it
+        return None, problems
+    rows = rename_columns(raw, dict(source.columns))
+    kept, bad = [], []
+    for number, row in enumerate(rows, start=1):
+        reason = row_problem(row)
+        if reason is None:
+            kept.append(row)
+        else:
+            bad.append(BadRow(number, reason))
+    checked = CheckedData(path=source.path, columns=columns, total=len(rows), rows=tuple(kept), bad=tuple(bad))
+    if not bad:
+        return checked, []
+    if source.invalid_rows == "drop":
+        if kept:
+            return checked, []
+        return checked, [
+            f"{source.path}: none of its {len(rows)} rows can train (first: {bad[0]}); check data.path and data.columns"
+        ]
+    fix = "fix the row, or set data.invalid_rows: drop to skip such rows"
+    if len(bad) == 1:
+        return checked, [f"{source.path}: {bad[0]}; {fix}"]
+    listed = "\n".join(f"    {row}" for row in bad[:SHOWN_ROWS])
+    more = f"\n    ... and {len(bad) - SHOWN_ROWS} more" if len(bad) > SHOWN_ROWS else ""
+    return checked, [
+        f"{source.path}: {len(bad)} of {len(rows)} rows cannot train; {fix.replace('the row', 'them')}:\n{listed}{more}"
+    ]
+
+
+def column_problems(path: str, columns: tuple[str, ...], mapping: Mapping[str, str]) -> list[str]:
+    """data.columns against the file's own columns: each mapped column must exist, and instruction and output
+    must come from somewhere. Each problem says what the file has and, where one is close, which column was meant."""
+    problems = []
+    listing = f"its columns: {', '.join(columns) or 'none'}"
+    for alpaca_field, column in mapping.items():
+        if column not in columns:
+            close = difflib.get_close_matches(column, columns, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"data.columns.{alpaca_field}: {path} has no column {column!r}{hint} ({listing})")
+    for alpaca_field in REQUIRED_FIELDS:
+        if alpaca_field in mapping or alpaca_field in columns:
+            continue
+        unmapped = [column for column in columns if column not in mapping.values()]
+        guess = next((column for column in USUAL_COLUMNS[alpaca_field] if column in unmapped), None)
+        guess = guess or next(iter(difflib.get_close_matches(alpaca_field, unmapped, n=1, cutoff=0.6)), None)
+        fix = f"--set data.columns.{alpaca_field}={guess or 'COLUMN'}"
+        problems.append(f"{path} has no {alpaca_field!r} column ({listing}); name the column that holds it: {fix}")
+    return problems
+
+
 def tokenize_example(prompt: str, completion: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict:
     """Prompt tokens are context only (label -100); the completion and its EOS are what the model learns."""
     return tokenize_examples([prompt], [completion], tokenizer, max_length)[0]
@@ -226,18 +410,28 @@ def _split_merged_boundary(
 
 
 def build_dataset(
-    section: DataSection, tokenizer: PreTrainedTokenizerBase, *, seed: int = DEFAULT_SEED
+    section: DataSection,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    seed: int = DEFAULT_SEED,
+    checked: CheckedSection | None = None,
 ) -> TrainingData:
-    """Rows -> tokenized training (and evaluation) examples. `seed` (train.seed) picks the eval_fraction hold-out."""
-    rows = rename_columns(read_rows(section.path, split=section.split, max_rows=section.max_rows), section.columns)
-    rows = valid_rows(rows, section.path, section.invalid_rows)
-    eval_rows: list[dict] | None = None
-    if section.eval_path is not None:
-        eval_source = section.eval_path if is_local(section.eval_path) else section.path
-        eval_split = "train" if is_local(section.eval_path) else section.eval_path
-        eval_rows = rename_columns(read_rows(eval_source, split=eval_split), section.columns)
-        eval_rows = valid_rows(eval_rows, section.eval_path, section.invalid_rows)
-    elif section.eval_fraction > 0:
+    """Rows -> tokenized training (and evaluation) examples. `seed` (train.seed) picks the eval_fraction hold-out;
+    `checked` is check_section's result when the caller has already read the rows."""
+    checked = checked or check_section(section)
+    assert checked.train is not None  # check_section reads hub data unless told not to
+    for data in (checked.train, checked.eval):
+        if data is not None and data.bad:
+            log.warning(
+                "data.invalid_rows: dropping %d of %d rows of %s (first: %s)",
+                len(data.bad),
+                data.total,
+                data.path,
+                data.bad[0],
+            )
+    rows = list(checked.train.rows)
+    eval_rows: list[dict] | None = list(checked.eval.rows) if checked.eval is not None else None
+    if section.eval_path is None and section.eval_fraction > 0:
         rows, eval_rows = hold_out(rows, section.eval_fraction, seed)
     train, dropped = _tokenize_rows(rows, section, tokenizer, "training")
     evaluation = _tokenize_rows(eval_rows, section, tokenizer, "evaluation")[0] if eval_rows else None
@@ -261,6 +455,8 @@ def hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], 
 def _tokenize_rows(
     rows: list[dict], section: DataSection, tokenizer: PreTrainedTokenizerBase, what: str
 ) -> tuple[Dataset, int]:
+    from datasets import Dataset
+
     columns = {field: [str(row.get(field) or "") for row in rows] for field in ("instruction", "input", "output")}
 
     def tokenize_batch(batch: dict) -> dict:

@@ -30,13 +30,16 @@ def refuse_dangerous_output(path: Path, what: str) -> None:
             raise QloraError(f"{what}: refusing to write into {label} ({resolved}); name a new folder")
 
 
-def check_new_output(path: Path, what: str, *, force: bool) -> None:
-    """Fail before any work if `path` exists and may not be replaced."""
+def check_new_output(path: Path, what: str, *, force: bool, refusal: str | None = None) -> None:
+    """Fail before any work if `path` exists and may not be replaced. `refusal` ends the message in place of
+    the offer of --force: a caller that knows the folder is someone else's work (another recipe's adapter)
+    names its owner and a way to keep it, since --force would delete it."""
     refuse_dangerous_output(path, what)
     if not path.exists():
         return
     if not force:
-        raise QloraError(f"{what}: {path} already exists; pass --force to replace it")
+        tail = refusal or "; pass --force to replace it (the old one is deleted), or choose another path"
+        raise QloraError(f"{what}: {path} already exists{tail}")
     if not (path / MARKER).is_file():
         raise QloraError(
             f"{what}: {path} exists and was not written by qlora (no {MARKER}); not replacing it, even with --force"

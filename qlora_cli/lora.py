@@ -10,6 +10,7 @@ from transformers import PreTrainedModel
 
 from qlora_cli.errors import QloraError
 from qlora_cli.model import sharded_launch, zero3_launch
+from qlora_cli.preflight import check_targets, module_linear_names
 from qlora_cli.recipe import LoraSection
 
 log = logging.getLogger(__name__)
@@ -26,26 +27,9 @@ def lora_config(section: LoraSection) -> LoraConfig:
     )
 
 
-def linear_module_names(model: torch.nn.Module) -> list[str]:
-    """Short names of the linear layers LoRA can target (bitsandbytes' 4-bit layers subclass nn.Linear)."""
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-    names.discard("lm_head")
-    return sorted(names)
-
-
 def check_target_modules(model: torch.nn.Module, section: LoraSection) -> None:
-    """Fail when the adapter would attach to nothing; works on an empty (meta-device) model too."""
-    if not isinstance(section.target_modules, list):
-        return
-    available = linear_module_names(model)
-    unmatched = [name for name in section.target_modules if name not in available]
-    if len(unmatched) == len(section.target_modules):
-        raise QloraError(
-            f"lora.target_modules: none of {section.target_modules} is a linear layer of this model; "
-            f"its linear layers are: {', '.join(available)} (or use 'all-linear')"
-        )
-    if unmatched:
-        log.warning("lora.target_modules: %s match no layer and are ignored", ", ".join(unmatched))
+    """Fail when a listed target matches no linear layer; works on an empty (meta-device) model too."""
+    check_targets(section, module_linear_names(model, torch.nn.Linear))
 
 
 def attach_lora(

@@ -333,7 +333,8 @@ def _suggestion(loc: tuple) -> str:
 
 
 def _resolve_paths(data: dict, base: Path) -> list[str]:
-    """Make local paths absolute (relative to the recipe file, in place) and report the missing ones."""
+    """Make local paths absolute (relative to the recipe file, in place) and report the missing ones, a data
+    file of a type qlora cannot read, and a model folder that is not a transformers model."""
     problems = []
     for section, key, always in (("model", "id", True), ("data", "path", True), ("data", "eval_path", False)):
         node = data.get(section)
@@ -343,18 +344,34 @@ def _resolve_paths(data: dict, base: Path) -> list[str]:
         resolved = local_or_hub(value, base)
         if resolved is None:
             problems.append(f"{section}.{key}: {'folder' if section == 'model' else 'file'} not found: {value}")
-        else:
-            node[key] = resolved
+            continue
+        node[key] = resolved
+        if not is_local(resolved):
+            continue
+        suffix = Path(resolved).suffix.lower()
+        if section == "model" and not (Path(resolved) / "config.json").is_file():
+            problems.append(f"model.id: {resolved} has no config.json; is it a transformers model folder?")
+        elif section == "data" and Path(resolved).is_dir():
+            problems.append(f"{section}.{key}: {resolved} is a folder; name a {', '.join(DATA_SUFFIXES)} file in it")
+        elif section == "data" and suffix not in DATA_SUFFIXES:
+            problems.append(
+                f"{section}.{key}: {resolved}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet"
+            )
     return problems
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # what data.read_rows reads
+# Other file types people point data.path at: such a name is a (misplaced or unsupported) file, never a hub id.
+OTHER_FILE_SUFFIXES = (".txt", ".tsv", ".xlsx", ".xls", ".gz", ".zip", ".arrow", ".yaml", ".yml", ".xml", ".md")
+
+
 def _looks_like_file(value: str) -> bool:
-    return Path(value).suffix.lower() in {".jsonl", ".json", ".csv", ".parquet"}
+    return Path(value).suffix.lower() in DATA_SUFFIXES + OTHER_FILE_SUFFIXES
 
 
 def local_or_hub(value: str, base: Path) -> str | None:
     """An existing path (relative to the recipe first) is local; './x', '/x' or 'x.jsonl' must exist; else a hub id."""
-    for candidate in (base / value, Path(value)):
+    for candidate in (base / value, Path(value).expanduser()):
         if candidate.exists():
             return str(candidate.resolve())
     if value.startswith((".", "/", "~")) or _looks_like_file(value):
@@ -443,18 +460,60 @@ def render_recipes(recipes: list[ShippedRecipe]):
 
 
 def copy_recipe(name: str, dest: Path, *, force: bool = False) -> Path:
-    """Copy a shipped recipe to start a new one; local paths are made absolute so they still resolve."""
+    """Copy a shipped recipe to start a new one; local paths are made absolute so they still resolve.
+
+    The copy takes its names from its own file: lora.name and train.output_dir are left out, so they default
+    to the new file's name. Kept, they would send the copy's adapter onto the shipped recipe's own."""
     source = shipped_recipe(name)
     if dest.is_dir():
         dest = dest / source.name
     if dest.exists() and not force:
         raise QloraError(f"{dest} already exists; pass --force to replace it")
+    if not ADAPTER_NAME.match(dest.stem) or dest.stem.lower() in RESERVED_ADAPTER_NAMES:
+        raise QloraError(
+            f"{dest}: the recipe's file name names its adapter, and {dest.stem!r} cannot "
+            "(use letters, digits, '.', '_' or '-', not 'none' or 'mix'); pick another file name"
+        )
     text = source.read_text()
     data = yaml.safe_load(text)
     for section, key in (("model", "id"), ("data", "path"), ("data", "eval_path")):
         value = (data.get(section) or {}).get(key)
         if isinstance(value, str) and (SHIPPED_RECIPES / value).exists():
             text = text.replace(f"{key}: {value}", f"{key}: {(SHIPPED_RECIPES / value).resolve()}", 1)
-    text = text.replace(f"recipes/{source.name}", str(dest), 1)
-    dest.write_text(text)
+    shipped_name = (data.get("lora") or {}).get("name")
+    text = _drop_keys(text, {"lora": "name", "train": "output_dir"})
+    if shipped_name:
+        text = text.replace(f"--adapter {shipped_name}`", f"--adapter {dest.stem}`")
+    lines = text.splitlines(keepends=True)
+    note = (
+        f"# Copied from the shipped recipe {source.stem}. Its adapter is named after this file ({dest.stem}):\n"
+        f"# set lora.name and train.output_dir to choose others.\n"
+    )
+    if lines and lines[0].startswith("# qlora train "):
+        lines = [f"# qlora train {dest}\n", note, *lines[1:]]
+    else:
+        lines = [f"# qlora train {dest}\n", note, *lines]
+    dest.write_text("".join(lines))
     return dest
+
+
+def _drop_keys(text: str, keys: dict[str, str]) -> str:
+    """The recipe text without `section: {key: ...}` lines (a top-level section and an indented key, as
+    shipped recipes are written); a section left empty goes too, comments stay."""
+    kept: list[str] = []
+    section = None
+    for line in text.splitlines(keepends=True):
+        stripped = line.strip()
+        if line[:1] not in (" ", "\t", "#", "\n", "") and stripped.endswith(":"):
+            section = stripped[:-1]
+        elif section in keys and line.startswith(" ") and stripped.split(":", 1)[0] == keys[section]:
+            continue
+        kept.append(line)
+    result: list[str] = []
+    for index, line in enumerate(kept):  # a section header whose every key went
+        following = next((later for later in kept[index + 1 :] if later.strip()), "")
+        is_header = line[:1] not in (" ", "\t", "#", "\n") and line.strip().endswith(":")
+        if is_header and line.strip()[:-1] in keys and not following.startswith((" ", "\t")):
+            continue
+        result.append(line)
+    return "".join(result)

@@ -21,7 +21,7 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from qlora_cli import adapters, checkpoints
-from qlora_cli.data import IGNORE_INDEX, TrainingData, build_dataset
+from qlora_cli.data import IGNORE_INDEX, TrainingData, build_dataset, check_section
 from qlora_cli.errors import ExitCode, QloraError
 from qlora_cli.files import atomic_directory, check_new_output, refuse_dangerous_output
 from qlora_cli.lora import attach_lora, check_target_modules, human_count, lora_config
@@ -35,6 +35,7 @@ from qlora_cli.model import (
     sharded_launch,
     zero3_launch,
 )
+from qlora_cli.preflight import check_adapter_free, check_run_dir_free
 from qlora_cli.recipe import Recipe
 from qlora_cli.report import RichProgress, peak_memory, plot_curves, write_report
 
@@ -224,14 +225,17 @@ def run(
         logging.getLogger("qlora_cli").setLevel(logging.WARNING)
     resume_from = None
     if not dry_run:
-        check_new_output(adapter_dir, "adapter", force=force)
+        check_adapter_free(adapter_dir, recipe, source, force=force, adapters_dir=adapters_dir)
+        if not resume and not force:
+            check_run_dir_free(run_dir, recipe, source, adapters_dir)
         resume_from = _check_run_dir(run_dir, recipe, force=force, resume=resume)
         ranks.wait_for_everyone()  # every rank has checked the outputs before the main one creates them
     device = check_device(recipe.model)
     check_sharding(recipe)
+    checked = check_section(recipe.data)  # every data problem at once, before the model is fetched
     model_dir = resolve_model_dir(recipe.model, weights=not dry_run)
     tokenizer = load_tokenizer(model_dir, recipe.model)
-    data = build_dataset(recipe.data, tokenizer, seed=recipe.train.seed)
+    data = build_dataset(recipe.data, tokenizer, seed=recipe.train.seed, checked=checked)
     log.info("data: %d training examples%s", len(data.train), f", {len(data.eval)} for evaluation" if data.eval else "")
     skeleton = empty_model(recipe.model, model_dir)
     check_target_modules(skeleton, recipe.lora)  # before spending minutes loading weights

@@ -82,13 +82,18 @@ def test_dataset_columns_map_onto_alpaca_fields(tmp_path, tokenizer):
     assert "table t (a)" in tokenizer.decode(example["input_ids"])
 
 
-def test_invalid_rows_fail_names_the_first_bad_row_and_the_fix(tmp_path, tokenizer):
+def test_invalid_rows_fail_names_every_bad_row_and_the_fix(tmp_path, tokenizer):
     path = write_jsonl(
         tmp_path / "d.jsonl",
         [{"instruction": "a", "output": "b"}, {"instruction": "a", "output": " "}, {"instruction": "", "output": "b"}],
     )
-    with pytest.raises(QloraError, match=r"row 2: missing or empty field\(s\) output .*set data.invalid_rows: drop"):
+    with pytest.raises(QloraError) as refused:
         build_dataset(DataSection(path=str(path)), tokenizer)
+    assert str(refused.value).splitlines() == [
+        f"{path}: 2 of 3 rows cannot train; fix them, or set data.invalid_rows: drop to skip such rows:",
+        "    row 2: missing or empty field(s) output (alpaca rows need instruction and output)",
+        "    row 3: missing or empty field(s) instruction (alpaca rows need instruction and output)",
+    ]
 
 
 def test_invalid_rows_drop_skips_them_and_says_how_many(tmp_path, tokenizer, caplog):

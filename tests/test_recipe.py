@@ -209,7 +209,7 @@ def test_a_copied_shipped_recipe_still_loads_from_another_folder(tmp_path, monke
     copied = copy_recipe("tiny-sql", tmp_path / "mine.yaml")
     monkeypatch.chdir(tmp_path)
     recipe = load_recipe(copied)
-    assert (recipe.lora.name, recipe.train.output_dir) == ("sql", "runs/sql")
+    assert (recipe.lora.name, recipe.train.output_dir) == ("mine", "runs/mine")  # named after the copy
     assert Path(recipe.model.id) == (SHIPPED_RECIPES / "tiny" / "base").resolve()
 
 

@@ -1,0 +1,260 @@
+"""What `train` checks before it loads a single weight, without loading any: `qlora validate` runs all of it,
+and `train.run` the same functions before its tokenizer and weights (dry run or not).
+
+Light on purpose: no torch, transformers or datasets at import, so `qlora validate` answers at once. The
+linear layers LoRA can target come from the model's config.json for the Llama-style decoders whose layout
+is known (memory.LINEAR_NAMES); any other architecture is built empty, on the meta device.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from qlora_cli import adapters
+from qlora_cli.data import CheckedSection, inspect_section
+from qlora_cli.errors import ExitCode, QloraError
+from qlora_cli.files import check_new_output
+from qlora_cli.memory import LINEAR_NAMES, MOE_KEYS, text_config
+from qlora_cli.recipe import ADAPTER_NAME, RESERVED_ADAPTER_NAMES, LoraSection, Recipe, is_local
+
+# Model types laid out as model.layers.N.self_attn.{q,k,v,o}_proj and model.layers.N.mlp.{gate,up,down}_proj.
+LLAMA_STYLE_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"}
+ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    id: str
+    local: bool  # a folder on this machine; else a hub id
+    config_source: str | None  # where config.json was read; None: not available offline
+    architecture: str | None
+    linear_names: tuple[str, ...] | None  # dotted names of the layers LoRA can target; None: not known here
+
+
+@dataclass(frozen=True)
+class Validated:
+    """Command `validate`: what was checked, for a few lines of output."""
+
+    recipe_file: Path
+    recipe: Recipe
+    adapter_dir: Path
+    adapter_taken: str | None  # the refusal train would give for the adapter folder, if any
+    data: CheckedSection
+    model: ModelCheck
+    targets: tuple[str, ...] | None  # the short names LoRA attaches to; None: not checked
+
+
+def run(recipe: Recipe, recipe_file: Path, *, adapters_dir: str | None = None) -> Validated:
+    """Check the data, the model and the target modules; one QloraError lists every problem."""
+    data, problems = inspect_section(recipe.data, read_hub=False)
+    try:
+        model = check_model(recipe)
+    except QloraError as error:
+        problems.append(str(error))
+        model = ModelCheck(recipe.model.id, is_local(recipe.model.id), None, None, None)
+    targets = None
+    if model.linear_names is not None:
+        try:
+            targets = check_targets(recipe.lora, model.linear_names)
+        except QloraError as error:
+            problems.append(str(error))
+    if problems:
+        raise QloraError(
+            f"{recipe_file}: {len(problems)} problem(s)\n" + "\n".join(_indent(problem) for problem in problems)
+        )
+    adapter_dir = adapters.adapter_path(recipe.lora.name, adapters_dir)
+    try:
+        check_adapter_free(adapter_dir, recipe, recipe_file, force=False, adapters_dir=adapters_dir)
+        taken = None
+    except QloraError as error:
+        taken = str(error)
+    return Validated(recipe_file, recipe, adapter_dir, taken, data, model, targets)
+
+
+def _indent(problem: str) -> str:
+    return "\n".join(f"  {line}" for line in problem.splitlines())
+
+
+def render(validated: Validated) -> str:
+    recipe, model = validated.recipe, validated.model
+    lines = [f"{validated.recipe_file}: OK"]
+    for label, checked in (("data", validated.data.train), ("eval data", validated.data.eval)):
+        if checked is not None:
+            lines.append(f"  {label}: {checked.render()}")
+    if validated.data.train is None:
+        lines.append(f"  data: hub dataset {recipe.data.path}: not read (train --dry-run downloads and checks it)")
+    if recipe.data.columns:
+        mapping = ", ".join(f"{field} <- {column}" for field, column in recipe.data.columns.items())
+        lines.append(f"  columns: {mapping}")
+    if model.local:
+        lines.append(f"  model: local folder {model.id} ({model.architecture or 'architecture not named'})")
+    elif model.config_source:
+        lines.append(f"  model: hub id {model.id}; config from the local cache ({model.architecture})")
+    else:
+        lines.append(f"  model: hub id {model.id}; not checked offline (train --dry-run fetches its config)")
+    if validated.targets is not None:
+        layers = len(model.linear_names or ())
+        lines.append(f"  targets: {', '.join(validated.targets)} ({layers} linear layers match)")
+    else:
+        lines.append(f"  targets: {_targets(recipe.lora)}: not checked without the model's config")
+    lines.append(f"  adapter: {recipe.lora.name} -> {validated.adapter_dir}; run folder {recipe.train.output_dir}")
+    if validated.adapter_taken:
+        lines.append(f"  note: train would refuse now: {validated.adapter_taken}")
+    return "\n".join(lines)
+
+
+def _targets(section: LoraSection) -> str:
+    return section.target_modules if isinstance(section.target_modules, str) else ", ".join(section.target_modules)
+
+
+def check_model(recipe: Recipe) -> ModelCheck:
+    """The model's config, from its local folder or the hub cache (never the network), and its linear layers."""
+    section = recipe.model
+    local = is_local(section.id)
+    if local:
+        config_path: Path | None = Path(section.id) / "config.json"  # load_recipe checked it is there
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(section.id, "config.json", revision=section.revision)
+        config_path = Path(cached) if isinstance(cached, str) else None
+    if config_path is None or not config_path.is_file():
+        return ModelCheck(section.id, local, None, None, None)
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise QloraError(f"model.id: cannot read {config_path}: {error}") from None
+    if not isinstance(config, dict):
+        raise QloraError(f"model.id: {config_path} is not a JSON object")
+    architecture = (config.get("architectures") or [None])[0]
+    return ModelCheck(section.id, local, str(config_path), architecture, linear_names(config, recipe, config_path))
+
+
+def linear_names(config: dict, recipe: Recipe, config_path: Path) -> tuple[str, ...]:
+    """Dotted names of the linear layers LoRA may adapt (the LM head left out, as peft's all-linear does)."""
+    text = text_config(config)
+    if text is config and config.get("model_type") in LLAMA_STYLE_TYPES and not any(text.get(k) for k in MOE_KEYS):
+        return tuple(
+            f"model.layers.{layer}.{'self_attn' if name in ATTENTION_NAMES else 'mlp'}.{name}"
+            for layer in range(int(config["num_hidden_layers"]))
+            for name in LINEAR_NAMES
+        )
+    import torch
+
+    from qlora_cli.model import empty_model
+
+    try:
+        skeleton = empty_model(recipe.model, config_path.parent)  # modules on the meta device: no weights
+    except Exception as error:  # an architecture this transformers does not know, remote code refused, ...
+        raise QloraError(
+            f"model.id: transformers cannot build the model of {config_path}: {type(error).__name__}: {error}"
+        ) from None
+    return module_linear_names(skeleton, torch.nn.Linear)
+
+
+def module_linear_names(model, linear_type) -> tuple[str, ...]:
+    return tuple(
+        name for name, module in model.named_modules() if isinstance(module, linear_type) and name != "lm_head"
+    )
+
+
+def unmatched_targets(targets: list[str], names: tuple[str, ...]) -> list[str]:
+    """The listed targets that match no layer, as peft matches them: a module whose dotted name is the target
+    or ends with '.' + the target."""
+    return [target for target in targets if not any(n == target or n.endswith("." + target) for n in names)]
+
+
+def check_targets(section: LoraSection, names: tuple[str, ...]) -> tuple[str, ...]:
+    """Every name in lora.target_modules must match a linear layer; returns the short names adapted."""
+    short = sorted({name.rsplit(".", 1)[-1] for name in names})
+    if not isinstance(section.target_modules, list):
+        return tuple(short)
+    unmatched = unmatched_targets(section.target_modules, names)
+    available = f"its linear layers are: {', '.join(short)} (or use 'all-linear')"
+    if len(unmatched) == len(section.target_modules):
+        raise QloraError(
+            f"lora.target_modules: none of {section.target_modules} is a linear layer of this model; {available}"
+        )
+    if unmatched:
+        verb = "matches" if len(unmatched) == 1 else "match"
+        raise QloraError(
+            f"lora.target_modules: {', '.join(map(repr, unmatched))} {verb} no linear layer of this model, "
+            f"so the adapter would train less than listed; {available}"
+        )
+    return tuple(target.rsplit(".", 1)[-1] for target in section.target_modules)
+
+
+def free_name(recipe: Recipe, recipe_file: Path | None, adapters_dir: str | None, runs: Path = Path("runs")) -> str:
+    """A name no adapter and no run folder uses yet: the recipe file's own name first, else the current name
+    with -2, -3..."""
+    current = recipe.lora.name
+    candidates = [recipe_file.stem] if recipe_file is not None else []
+    candidates += [f"{current}-{number}" for number in range(2, 1000)]
+    for name in candidates:
+        if name == current or not ADAPTER_NAME.match(name) or name.lower() in RESERVED_ADAPTER_NAMES:
+            continue
+        if not adapters.adapter_path(name, adapters_dir).exists() and not (runs / name).exists():
+            return name
+    return f"{current}-new"
+
+
+def owner_of(folder: Path) -> tuple[str, Path | None]:
+    """Who made an existing adapter folder, in words, and the recipe file it recorded (None when unknown)."""
+    try:
+        record = adapters.AdapterRecord.load(folder)
+    except QloraError:
+        return "with an unreadable qlora.json", None
+    if not (folder / "qlora.json").is_file():
+        return "not made by qlora (no qlora.json)", None
+    if record.recipe_file:
+        return f"made by recipe {record.recipe_file}", Path(record.recipe_file)
+    facts = [f"trained on {record.data.path}" if record.data.path else "trained"]
+    if record.base.id:
+        facts.append(f"base {record.base.id}")
+    if record.created:
+        facts.append(record.created[:16].replace("T", " "))
+    return ", ".join(facts), None
+
+
+def _same_file(a: Path | None, b: Path | None) -> bool:
+    return a is not None and b is not None and a.expanduser().resolve() == b.expanduser().resolve()
+
+
+def check_adapter_free(
+    adapter_dir: Path, recipe: Recipe, recipe_file: Path | None, *, force: bool, adapters_dir: str | None
+) -> None:
+    """Refuse, before any work, an adapter name another recipe's adapter already holds: name the owner and a
+    free lora.name to copy. --force (which deletes the old adapter) is offered only for this very recipe's own."""
+    if not adapter_dir.exists() or force:
+        check_new_output(adapter_dir, "adapter", force=force)
+        return
+    owner, owner_file = owner_of(adapter_dir)
+    same = _same_file(owner_file, recipe_file)
+    rename = f"--set lora.name={free_name(recipe, recipe_file, adapters_dir)}"
+    if same:
+        advice = f"train under another name: {rename}, or pass --force to delete the old adapter and train it again"
+    else:
+        advice = f"to keep it, give this one another name: {rename}"
+    check_new_output(adapter_dir, "adapter", force=force, refusal=f" ({owner}); {advice}")
+
+
+def check_run_dir_free(run_dir: Path, recipe: Recipe, recipe_file: Path | None, adapters_dir: str | None) -> None:
+    """Refuse a train.output_dir that holds a finished run of another adapter or recipe, with a free folder to
+    copy (exit RUN_EXISTS); interrupted runs are train._check_run_dir's to answer (they resume)."""
+    from qlora_cli.checkpoints import RunFolder
+
+    run = RunFolder.load(run_dir)
+    if not run.exists or run.marker is None or run.interrupted:
+        return
+    adapter = adapters.adapter_path(run.marker.adapter, adapters_dir)
+    owner_file = owner_of(adapter)[1] if adapter.exists() else None
+    folder = run_dir.parent / free_name(recipe, recipe_file, adapters_dir, runs=run_dir.parent)
+    advice = f"to keep it, write this run elsewhere: --set train.output_dir={folder}"
+    if _same_file(owner_file, recipe_file):
+        advice += ", or pass --force to delete the old run and start again"
+    raise QloraError(
+        f"train.output_dir: {run_dir} already holds a finished run of adapter {run.marker.adapter!r}; {advice}",
+        exit_code=ExitCode.RUN_EXISTS,
+    )

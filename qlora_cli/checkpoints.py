@@ -31,9 +31,10 @@ MANIFEST = "qlora-checkpoint.json"
 STAGING = ".staging"
 NAME = re.compile(r"^checkpoint-(\d+)$")
 # Keys that may change between an interrupted run and its resume without changing what is trained.
-RESUMABLE_CHANGES = {"train.logging_steps", "train.save_steps", "train.save_limit"}
+RESUMABLE_CHANGES = {"train.logging_steps", "train.eval_steps", "train.save_steps", "train.save_limit"}
 RECIPE = "recipe.yaml"  # the resolved recipe a run was started with
 METRICS = "metrics.json"  # written once training is done, just before the adapter is exported
+LOG_HISTORY = "log_history.json"  # every logged step's loss, lr and eval loss: the data behind loss.png
 
 
 @dataclass(frozen=True)

@@ -454,7 +454,7 @@ def breakdown(estimate_: Estimate) -> list[tuple[str, int, str]]:
     ]
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     hours, rest = divmod(round(seconds), 3600)
     return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
 
@@ -496,7 +496,7 @@ def render(plan: Plan) -> Group:
     throughput = f"{plan.tokens_per_second:,.0f} tokens/s ({plan.throughput_source})"
     if plan.epoch_seconds is not None:
         lines.append(
-            Text(f"Time per epoch: {_duration(plan.epoch_seconds)} for {plan.dataset_tokens:,} tokens at {throughput}.")
+            Text(f"Time per epoch: {duration(plan.epoch_seconds)} for {plan.dataset_tokens:,} tokens at {throughput}.")
         )
     else:
         lines.append(

@@ -210,7 +210,12 @@ class TrainSection(Section):
         False, description="Keep checkpointed activations in CPU memory: less GPU memory, some speed."
     )
     seed: int = Field(42, description="Seed for data order, dropout and adapter initialisation.")
-    logging_steps: int = Field(10, gt=0, description="Log loss every N optimizer steps.")
+    logging_steps: int = Field(10, gt=0, description="Log loss every N optimizer steps (and always the last).")
+    eval_steps: int | None = Field(
+        None,
+        gt=0,
+        description="Eval loss on the held-out data every N optimizer steps; unset: at the end only. Needs data.eval_path or data.eval_fraction.",
+    )
     save_steps: int = Field(100, gt=0, description="Write a checkpoint every N optimizer steps.")
     save_limit: int = Field(
         2, gt=0, description="Complete checkpoints to keep; older ones go only after a newer one is complete."
@@ -242,6 +247,14 @@ class Recipe(Section):
         if train is not None and lora is not None and isinstance(lora.get("name"), str):
             data["train"] = {"output_dir": f"runs/{lora['name']}", **train}
         return data
+
+    @model_validator(mode="after")
+    def _evaluable(self) -> Recipe:
+        if self.train.eval_steps and self.data.eval_path is None and self.data.eval_fraction == 0:
+            raise ValueError(
+                "train.eval_steps needs held-out data: set data.eval_path, or data.eval_fraction (e.g. 0.05)"
+            )
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -407,11 +420,14 @@ def _shipped_names() -> str:
 
 
 def find_recipe(path: str | Path) -> Path:
-    """The recipe file at `path`; else, for a bare name such as `tiny-sql`, the shipped recipe of that name,
-    so that `qlora train tiny-sql` works from any folder after a plain `pip install`."""
+    """The recipe file at `path`; a run folder's recorded recipe (`qlora train runs/sql --resume`); else, for a
+    bare name such as `tiny-sql`, the shipped recipe of that name, so that `qlora train tiny-sql` works from
+    any folder after a plain `pip install`."""
     candidate = Path(path)
     if candidate.is_file():
         return candidate
+    if (candidate / "recipe.yaml").is_file() and (candidate / "qlora.json").is_file():
+        return candidate / "recipe.yaml"  # a run folder: the recipe it was started with, --set flags included
     if len(candidate.parts) == 1 and (SHIPPED_RECIPES / f"{candidate.name.removesuffix('.yaml')}.yaml").is_file():
         return shipped_recipe(candidate.name)
     raise QloraError(

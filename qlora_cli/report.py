@@ -12,14 +12,51 @@ from transformers import TrainerCallback
 log = logging.getLogger(__name__)
 
 
-class RichProgress(TrainerCallback):
-    """One progress bar with loss, tokens/s and ETA; log lines above it instead of raw dicts."""
+class RunTally(TrainerCallback):
+    """What a run says about itself, measured as it goes, on every rank.
+
+    The loss of the latest optimizer step: callbacks never see the loss, so the trainer hands each
+    micro-step's share to `add` (their sum is the step's loss, as the trainer's own logging sums them).
+    The tokens and seconds of this session: a resumed run restores the tokens seen before it, which
+    were not trained in the time it measures. And the last step is always logged, so that the curve,
+    the report and the progress bar end where the run ended."""
 
     def __init__(self) -> None:
+        self.step_loss: float | None = None
+        self._micro_steps: list = []
+        self.tokens_at_start = 0
+        self.started = 0.0
+
+    def add(self, loss) -> None:
+        self._micro_steps.append(loss.detach())
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # The trainer restores a checkpoint's state before this call.
+        self.tokens_at_start, self.started = state.num_input_tokens_seen, time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._micro_steps:
+            self.step_loss = float(sum(loss.float() for loss in self._micro_steps))
+            self._micro_steps = []
+        if state.global_step >= state.max_steps or control.should_training_stop:
+            control.should_log = True
+        return control
+
+    def session_tokens(self, state) -> int:
+        return state.num_input_tokens_seen - self.tokens_at_start
+
+    def session_speed(self, state) -> float:
+        """Tokens per second since this session started."""
+        return self.session_tokens(state) / max(time.perf_counter() - self.started, 1e-9)
+
+
+class RichProgress(TrainerCallback):
+    """One progress bar with the current step's loss, tokens/s and ETA; log lines above it instead of raw dicts."""
+
+    def __init__(self, tally: RunTally) -> None:
+        self.tally = tally
         self.progress: Progress | None = None
         self.task = None
-        self.started = 0.0
-        self.tokens_at_start = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -38,20 +75,18 @@ class RichProgress(TrainerCallback):
         self.task = self.progress.add_task(
             "train", total=state.max_steps, completed=state.global_step, loss="-", speed="-"
         )
-        self.started, self.tokens_at_start = time.perf_counter(), state.num_input_tokens_seen
         self.progress.start()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress is not None:
-            elapsed = max(time.perf_counter() - self.started, 1e-9)
-            speed = (state.num_input_tokens_seen - self.tokens_at_start) / elapsed
-            self.progress.update(self.task, completed=state.global_step, speed=f"{speed:,.0f}")
+            loss = "-" if self.tally.step_loss is None else f"{self.tally.step_loss:.4f}"
+            speed = f"{self.tally.session_speed(state):,.0f}"
+            self.progress.update(self.task, completed=state.global_step, loss=loss, speed=speed)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.progress is None or not logs:
             return
         if "loss" in logs:
-            self.progress.update(self.task, loss=f"{logs['loss']:.4f}")
             self.progress.console.print(
                 f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}"
                 + (f"  token accuracy {logs['mean_token_accuracy']:.3f}" if "mean_token_accuracy" in logs else ""),
@@ -66,8 +101,19 @@ class RichProgress(TrainerCallback):
             self.progress = None
 
 
-def plot_curves(log_history: list[dict], path: Path) -> Path | None:
-    """Loss (train and eval) and learning rate against steps, as a PNG."""
+def final_train_loss(log_history: list[dict]) -> tuple[int, float] | None:
+    """(step, loss) of the last logged training loss: where the curve ends. The trainer's own
+    `training_loss` is the average over the whole run, far above it on a run that learned."""
+    logged = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+    return logged[-1] if logged else None
+
+
+# Below this many points a line alone says little (one point draws nothing): each point gets a marker.
+MARKED_POINTS = 30
+
+
+def loss_figure(log_history: list[dict]):
+    """Loss (train and eval) and learning rate against steps, as a matplotlib figure; None before any loss."""
     train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
     if not train:
         return None
@@ -79,18 +125,30 @@ def plot_curves(log_history: list[dict], path: Path) -> Path | None:
     evaluation = [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry]
     rates = [(entry["step"], entry["learning_rate"]) for entry in log_history if "learning_rate" in entry]
     figure, (loss_axis, rate_axis) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=[3, 1])
-    loss_axis.plot(*zip(*train), label="train loss", color="tab:blue")
+    loss_axis.plot(*zip(*train), "o-" if len(train) < MARKED_POINTS else "-", label="train loss", color="tab:blue")
     if evaluation:
         loss_axis.plot(*zip(*evaluation), "o-", label="eval loss", color="tab:orange")
+    step, loss = train[-1]
+    loss_axis.annotate(f"{loss:.4g}", (step, loss), textcoords="offset points", xytext=(4, 6), fontsize=8)
     loss_axis.set_ylabel("loss (response tokens)")
     loss_axis.grid(alpha=0.3)
     loss_axis.legend()
     if rates:
-        rate_axis.plot(*zip(*rates), color="tab:green")
+        rate_axis.plot(*zip(*rates), "o-" if len(rates) < MARKED_POINTS else "-", color="tab:green")
     rate_axis.set_ylabel("learning rate")
     rate_axis.set_xlabel("optimizer step")
     rate_axis.grid(alpha=0.3)
     figure.tight_layout()
+    return figure
+
+
+def plot_curves(log_history: list[dict], path: Path) -> Path | None:
+    """The loss figure as a PNG at `path`; None when nothing was logged."""
+    figure = loss_figure(log_history)
+    if figure is None:
+        return None
+    import matplotlib.pyplot as plt
+
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
@@ -109,9 +167,11 @@ def write_report(
         f"trainable {human_count(trainable)} of {human_count(total)} ({100 * trainable / total:.2f}%)",
         f"- data: `{recipe.data.path}`, {metrics['examples']} examples ({metrics['dropped_examples']} dropped), max length {recipe.data.max_length}",
         f"- training: {metrics['steps']} steps, lr {recipe.train.lr}, batch {recipe.train.batch_size} x {recipe.train.grad_accum}, {recipe.train.optim}",
-        f"- tokens seen: {metrics['tokens_seen']:,}; {metrics['tokens_per_second']:,.0f} tokens/s over {metrics['train_seconds']} s",
+        f"- tokens seen: {metrics['tokens_seen']:,}{_session(metrics)}; {metrics['tokens_per_second']:,.0f} tokens/s "
+        f"over {metrics['train_seconds']} s",
         f"- peak memory: {metrics['peak_memory']}",
-        f"- final train loss: {metrics['train_loss']}"
+        f"- final train loss (step {metrics['steps']}): {metrics['train_loss']}; "
+        f"average over the run: {metrics['mean_train_loss']}"
         + (f"; eval loss: {metrics['eval_loss']}" if "eval_loss" in metrics else ""),
         f"- adapter: `{adapter_dir}`",
         "",
@@ -121,6 +181,11 @@ def write_report(
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _session(metrics: dict) -> str:
+    resumed = metrics.get("resumed_at_step")
+    return f" ({metrics['session_tokens']:,} since the resume at step {resumed})" if resumed else ""
 
 
 def peak_memory() -> str:

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import signal
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import PartialState
+from datasets import Dataset
 from rich.console import Console
 from rich.text import Text
 from transformers import PrinterCallback, TrainerCallback, set_seed
@@ -37,7 +39,7 @@ from qlora_cli.model import (
 )
 from qlora_cli.preflight import check_adapter_free, check_run_dir_free
 from qlora_cli.recipe import Recipe
-from qlora_cli.report import RichProgress, peak_memory, plot_curves, write_report
+from qlora_cli.report import RichProgress, RunTally, final_train_loss, peak_memory, plot_curves, write_report
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -63,7 +65,9 @@ def sft_config(recipe: Recipe, *, use_cpu: bool) -> SFTConfig:
         seed=train.seed,
         data_seed=train.seed,
         logging_steps=train.logging_steps,
-        logging_first_step=True,
+        logging_first_step=True,  # and RunTally logs the last step: the curve spans the whole run
+        eval_strategy="steps" if train.eval_steps else "no",
+        eval_steps=train.eval_steps,
         save_steps=train.save_steps,
         save_total_limit=None,  # CheckpointingTrainer prunes, and only after a newer checkpoint is complete
         bf16=recipe.model.compute_dtype == "bfloat16" and not use_cpu,
@@ -143,9 +147,10 @@ class CheckpointingTrainer(SFTTrainer):
     to keep (train.save_limit): the trainer's own save_total_limit would prune before a save is sealed.
     """
 
-    def __init__(self, *args, save_limit: int, **kwargs) -> None:
+    def __init__(self, *args, save_limit: int, tally: RunTally | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.save_limit = save_limit
+        self.tally = tally
         # SFTTrainer has just cast a 4-bit model's adapter weights to bf16. In bf16 an Adam update below
         # 1/256 of a weight rounds away, so late, small-LR steps are lost and a checkpoint no longer holds
         # the exact state (a resumed run drifts from the uninterrupted one). Back to fp32, before the
@@ -179,6 +184,8 @@ class CheckpointingTrainer(SFTTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.tally is not None:
+            self.tally.add(loss)
         if self.divergence.must_stop(bool(torch.isfinite(loss).all())):
             step = self.state.global_step + 1
             last = checkpoints.latest_checkpoint(Path(self.args.output_dir))
@@ -228,9 +235,10 @@ def run(
         check_adapter_free(adapter_dir, recipe, source, force=force, adapters_dir=adapters_dir)
         if not resume and not force:
             check_run_dir_free(run_dir, recipe, source, adapters_dir)
-        resume_from = _check_run_dir(run_dir, recipe, force=force, resume=resume)
+        resume_from = _check_run_dir(run_dir, recipe, force=force, resume=resume, adapters_dir=adapters_dir)
         ranks.wait_for_everyone()  # every rank has checked the outputs before the main one creates them
-    device = check_device(recipe.model)
+    # A dry run needs only the config and tokenizer: it runs on a laptop, and says where the real run must.
+    device = None if dry_run else check_device(recipe.model)
     check_sharding(recipe)
     checked = check_section(recipe.data)  # every data problem at once, before the model is fetched
     model_dir = resolve_model_dir(recipe.model, weights=not dry_run)
@@ -240,7 +248,7 @@ def run(
     skeleton = empty_model(recipe.model, model_dir)
     check_target_modules(skeleton, recipe.lora)  # before spending minutes loading weights
     if dry_run:
-        show_dry_run(recipe, skeleton, tokenizer, data)
+        show_dry_run(recipe, skeleton, tokenizer, data, adapter_dir=adapter_dir, processes=ranks.num_processes)
         return None
 
     base_record = base_model_record(recipe.model, model_dir)
@@ -254,15 +262,16 @@ def run(
     ranks.wait_for_everyone()
     datasets.disable_progress_bars()  # the trainer's packing pass is quick; our own tokenizing bar was shown
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # read by transformers' TensorBoard callback
-    stopper = StopOnSignal()
+    stopper, tally = StopOnSignal(), RunTally()
     trainer = CheckpointingTrainer(
         model=model,
         args=sft_config(recipe, use_cpu=device.type == "cpu"),
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        callbacks=[stopper, RichProgress()],
+        callbacks=[stopper, tally, RichProgress(tally)],  # tally after stopper: a stop is logged
         save_limit=recipe.train.save_limit,
+        tally=tally,
     )
     trainer.remove_callback(PrinterCallback)  # raw metric dicts; RichProgress prints readable lines
     if resume_from is not None:
@@ -277,21 +286,30 @@ def run(
         saved = checkpoints.latest_checkpoint(run_dir)
         raise QloraError(
             f"stopped by {signal.Signals(stopper.signum).name} at step {trainer.state.global_step}; checkpoint {saved}. "
-            f"Continue with: qlora train <recipe> --resume",
+            f"Continue with: {resume_command(run_dir, adapters_dir)}",
             exit_code=ExitCode(128 + stopper.signum),  # the shell's convention for a signal: 130 SIGINT, 143 SIGTERM
         )
+    state = trainer.state
+    final = final_train_loss(state.log_history)
+    session_tokens = tally.session_tokens(state)
     metrics = {
-        "train_loss": round(result.training_loss, 4),
+        "train_loss": round(final[1] if final else result.training_loss, 4),  # at the end, where the curve ends
+        "mean_train_loss": round(result.training_loss, 4),  # the trainer's average over this session's steps
         "steps": result.global_step,
         "examples": len(data.train),
         "dropped_examples": data.dropped,
         "train_seconds": round(result.metrics["train_runtime"], 1),
-        "tokens_seen": int(trainer.state.num_input_tokens_seen),
-        "tokens_per_second": round(trainer.state.num_input_tokens_seen / max(result.metrics["train_runtime"], 1e-9), 1),
+        "tokens_seen": int(state.num_input_tokens_seen),
+        # This session's tokens over this session's time: a resumed run restored the earlier tokens.
+        "tokens_per_second": round(session_tokens / max(result.metrics["train_runtime"], 1e-9), 1),
         "peak_memory": peak_memory(),
     }
+    if resume_from is not None:
+        metrics["resumed_at_step"] = checkpoints.checkpoint_step(resume_from)
+        metrics["session_tokens"] = int(session_tokens)
     if data.eval is not None:
-        metrics["eval_loss"] = round(trainer.evaluate()["eval_loss"], 4)
+        metrics["eval_loss"] = round(final_eval_loss(trainer), 4)
+        log.info("eval loss at step %d: %.4f", state.global_step, metrics["eval_loss"])
     if not all(math.isfinite(value) for value in (metrics["train_loss"], metrics.get("eval_loss", 0.0))):
         raise QloraError(
             f"training diverged (loss {metrics['train_loss']}); no adapter written. Lower train.lr and retry",
@@ -302,6 +320,7 @@ def run(
         return None
     checkpoints.discard_staging(run_dir)  # other ranks' late writes into the last checkpoint's staging folder
     (run_dir / checkpoints.METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+    (run_dir / checkpoints.LOG_HISTORY).write_text(json.dumps(state.log_history, indent=1) + "\n")
     try:
         export_adapter(
             trainer.accelerator.unwrap_model(trainer.model),
@@ -326,6 +345,21 @@ def run(
     return Trained(name=recipe.lora.name, adapter=adapter_dir, run_dir=run_dir, report=report, metrics=metrics)
 
 
+def final_eval_loss(trainer: SFTTrainer) -> float:
+    """Eval loss at the last step: the one train.eval_steps logged there, else a fresh evaluation."""
+    step = trainer.state.global_step
+    logged = [
+        entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry and entry["step"] == step
+    ]
+    return logged[-1] if logged else trainer.evaluate()["eval_loss"]
+
+
+def resume_command(run_dir: Path, adapters_dir: str | None) -> str:
+    """The exact command that continues a run: the run folder holds the recipe as resolved, --set flags included."""
+    home = f" --adapters-dir {shlex.quote(adapters_dir)}" if adapters_dir else ""
+    return f"qlora train {shlex.quote(str(run_dir))} --resume{home}"
+
+
 def check_sharding(recipe: Recipe) -> None:
     """FSDP and ZeRO-3 shard parameters of one dtype: the packed 4-bit weights must be stored in it."""
     section = recipe.model
@@ -336,7 +370,9 @@ def check_sharding(recipe: Recipe) -> None:
         )
 
 
-def _check_run_dir(run_dir: Path, recipe: Recipe, *, force: bool, resume: bool) -> Path | None:
+def _check_run_dir(
+    run_dir: Path, recipe: Recipe, *, force: bool, resume: bool, adapters_dir: str | None = None
+) -> Path | None:
     """Before any work: the checkpoint to resume from, or None for a fresh run (refusing to clobber one)."""
     run = checkpoints.RunFolder.load(run_dir)
     if resume:
@@ -345,7 +381,7 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, *, force: bool, resume: bool) 
         if run.interrupted:
             raise QloraError(
                 f"train.output_dir: {run_dir} holds an interrupted run (last complete checkpoint: {run.latest.name}); "
-                "continue it with --resume, or start over with --force",
+                f"continue it with: {resume_command(run_dir, adapters_dir)}",
                 exit_code=ExitCode.RUN_INTERRUPTED,
             )
         if run.marker is not None:  # finished, or stopped before its first checkpoint
@@ -429,7 +465,39 @@ def _start_run_dir(run_dir: Path, recipe: Recipe, *, force: bool) -> None:
     (run_dir / checkpoints.RECIPE).write_text(recipe.to_yaml())
 
 
-def show_dry_run(recipe: Recipe, skeleton, tokenizer, data: TrainingData) -> None:
+@dataclass(frozen=True)
+class EpochSize:
+    """One epoch of the training data, counted from the tokenized examples."""
+
+    examples: int
+    tokens: int
+    steps: int  # optimizer steps
+
+    @classmethod
+    def count(cls, data: Dataset, recipe: Recipe, processes: int = 1) -> EpochSize:
+        """As the trainer will see it: packed by TRL's own best-fit decreasing when train.packing is on (rows
+        fill less than it seems: two 90-token examples never share a 160-token row), in micro-batches per
+        process, rounded up to whole optimizer steps."""
+        train = recipe.train
+        rows = len(data)
+        if train.packing:
+            from trl.data_utils import pack_dataset
+
+            rows = len(pack_dataset(data.select_columns(["input_ids"]), recipe.data.max_length, strategy="bfd"))
+        micro_batches = math.ceil(math.ceil(rows / processes) / train.batch_size)
+        steps = max(math.ceil(micro_batches / train.grad_accum), 1)
+        return cls(examples=len(data), tokens=sum(len(ids) for ids in data["input_ids"]), steps=steps)
+
+
+def show_dry_run(
+    recipe: Recipe,
+    skeleton,
+    tokenizer,
+    data: TrainingData,
+    *,
+    adapter_dir: Path,
+    processes: int = 1,
+) -> None:
     """Everything worth checking before spending GPU hours, from config files alone."""
     console.rule("resolved recipe")
     console.print(recipe.to_yaml(), markup=False, highlight=False)
@@ -449,8 +517,34 @@ def show_dry_run(recipe: Recipe, skeleton, tokenizer, data: TrainingData) -> Non
     console.print(
         f"trainable {human_count(trainable)} of {human_count(total)} parameters ({100 * trainable / total:.2f}%)"
     )
+    console.rule("one epoch")
+    epoch = EpochSize.count(data.train, recipe, processes)
+    batch = f"{recipe.train.batch_size} x {recipe.train.grad_accum}" + (f" x {processes} GPUs" if processes > 1 else "")
     console.print(
-        f"{len(data.train)} training examples, {data.dropped} dropped; dry run: nothing was trained or written"
+        f"{epoch.examples:,} training examples ({data.dropped} dropped), {epoch.tokens:,} tokens: "
+        f"{epoch.steps:,} optimizer steps per epoch at batch {batch}" + (" (packed)" if recipe.train.packing else ""),
+        highlight=False,
+    )
+    console.print(_epoch_time(recipe, skeleton.config.to_dict(), epoch), highlight=False)
+    console.rule("where it goes")
+    try:
+        device = f"runs on {check_device(recipe.model).type}"
+    except QloraError as no_device:
+        device = f"cannot run here: {no_device}"
+    console.print(
+        f"run folder {recipe.train.output_dir}; adapter {adapter_dir}; {device}", markup=False, highlight=False
+    )
+    console.print("dry run: nothing was trained or written", highlight=False)
+
+
+def _epoch_time(recipe: Recipe, config: dict, epoch: EpochSize) -> str:
+    from qlora_cli import plan
+
+    gpu, _, chosen = plan.choose_gpu(None)
+    seconds = epoch.tokens / plan.assumed_throughput(config, recipe, gpu)
+    return (
+        f"time per epoch: ~{plan.duration(seconds)} on {chosen}, by assumed throughput; "
+        f"`qlora plan` with --dataset-tokens {epoch.tokens} --gpu NAME times it for another card"
     )
 
 

@@ -82,8 +82,9 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_base):
 
     refused = qlora(*train_args(resumed, home))
     assert refused.returncode == ExitCode.RUN_INTERRUPTED, refused.stderr[-2000:]
-    assert "holds an interrupted run" in refused.stderr and "--resume" in refused.stderr
-    train_ok(resumed, home, "--resume")
+    resume_with = f"qlora train {run_dir} --resume --adapters-dir {home}"
+    assert "holds an interrupted run" in refused.stderr and resume_with in " ".join(refused.stderr.split())
+    train_ok(run_dir, home, "--resume")  # the command it printed: the run folder holds the recipe it started with
 
     expected, got = step_losses(tmp_path / "runs" / "straight"), step_losses(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1)) == sorted(expected)
@@ -96,6 +97,13 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_base):
         load_file(home / "resumed" / "adapter_model.safetensors"),
     )
     assert a.keys() == b.keys() and all(a[key].dtype == torch.float32 and torch.equal(a[key], b[key]) for key in a)
+    # Speed is this session's tokens over this session's time: the restored tokens were trained before.
+    metrics = json.loads((run_dir / checkpoints.METRICS).read_text())
+    restored = json.loads((run_dir / f"checkpoint-{metrics['resumed_at_step']}" / "trainer_state.json").read_text())
+    assert metrics["session_tokens"] == metrics["tokens_seen"] - restored["num_input_tokens_seen"]
+    assert metrics["tokens_per_second"] * metrics["train_seconds"] == pytest.approx(
+        metrics["session_tokens"], rel=0.02, abs=5
+    )
 
 
 def test_resume_refuses_a_changed_recipe_unless_forced(tmp_path, tiny_base):
@@ -136,7 +144,8 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_143(tmp_path, tiny_base):
     _, stderr = process.communicate(timeout=120)
     stderr = handled + stderr
     assert process.returncode == ExitCode.TERMINATED == 143, stderr
-    assert "stopped by SIGTERM" in stderr and "--resume" in stderr
+    assert "stopped by SIGTERM" in stderr
+    assert f"Continue with: qlora train {run_dir} --resume --adapters-dir {home}" in " ".join(stderr.split())
     saved = checkpoints.latest_checkpoint(run_dir)
     assert saved is not None and checkpoints.problem(saved) is None and 0 < checkpoints.checkpoint_step(saved) < 200
     assert not (home / "spot").exists(), "an interrupted run exports no adapter"

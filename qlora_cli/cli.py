@@ -208,7 +208,8 @@ def generate(
         Path | None, typer.Option("--out", help="Batch mode: write JSONL results here (default: stdout).")
     ] = None,
     chat: Annotated[
-        bool, typer.Option("--chat", help="Interactive: type instructions, read answers; empty line quits.")
+        bool,
+        typer.Option("--chat", help="Interactive: type instructions, read answers; an empty line or Ctrl-D quits."),
     ] = False,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy decoding.")] = 0.0,
@@ -231,9 +232,14 @@ def generate(
         raise QloraError(
             "name an adapter with --adapter NAME (or --adapter none for the base alone); `qlora adapters list` shows them"
         )
+    if out is not None and not prompts:
+        raise QloraError("--out writes batch answers: use it with --prompts FILE")
     from qlora_cli import generate as generate_stage
+    from qlora_cli.files import prepare_output_file
 
     rows = generate_stage.read_prompts(prompts) if prompts else None  # a bad file is named before any weights load
+    if out is not None:
+        prepare_output_file(out, "--out", "answers.jsonl")
     session, targets = generate_stage.open_targets(
         adapter, mix=mix, compare=compare, base=base, home=adapters_dir, allow_base_mismatch=allow_base_mismatch
     )
@@ -242,16 +248,22 @@ def generate(
         batch = generate_stage.run_batch(session, rows, targets, sampling, out)
         typer.echo(generate_stage.render_batch(batch), nl=False)
         return
-    instructions = iter(partial(typer.prompt, "you", default="", show_default=False), None) if chat else [prompt]
-    generate_stage.converse(
-        session,
-        targets,
-        instructions,
-        input_text,
-        sampling,
-        show=partial(typer.echo, nl=False),
-        show_heading=partial(typer.secho, fg="cyan"),
-    )
+    if chat:
+        typer.secho(generate_stage.CHAT_HELP, err=True, dim=True)
+    try:
+        generate_stage.converse(
+            session,
+            targets,
+            generate_stage.chat_instructions() if chat else [prompt],
+            input_text,
+            sampling,
+            show=partial(typer.echo, nl=False),
+            show_heading=partial(typer.secho, fg="cyan"),
+        )
+    except KeyboardInterrupt:
+        if not chat:
+            raise
+        typer.echo()  # Ctrl-C during an answer ends the chat, as at the prompt: cleanly, exit 0
 
 
 @app.command()
@@ -334,7 +346,9 @@ def evaluate(
             help="Also run generated and reference SQL on an in-memory SQLite database and compare results.",
         ),
     ] = False,
-    out: Annotated[Path | None, typer.Option("--out", help="Write the results as JSON too.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write the totals and every row (input, reference, answer) as JSON.")
+    ] = None,
     base: Annotated[
         str | None, typer.Option("--base", help="Base model id or folder (default: the adapters' recorded base).")
     ] = None,

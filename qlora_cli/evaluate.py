@@ -15,17 +15,51 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
-from qlora_cli.data import IGNORE_INDEX, check_rows, read_rows, tokenize_example
+from qlora_cli.adapters import AdapterRecord
+from qlora_cli.data import IGNORE_INDEX, SHOWN_ROWS, RowFile, check_data, tokenize_example
 from qlora_cli.errors import QloraError
-from qlora_cli.generate import BASE, MIX, Sampling, Session, open_session, parse_mix
+from qlora_cli.files import prepare_output_file
+from qlora_cli.generate import BASE, MIX, Sampling, Session, load_records, open_session, parse_mix
 from qlora_cli.recipe import local_or_hub
+
+MISSES_SHOWN = 3  # per adapter, under the table; --out holds every row
+WIDTH = 80  # the terminal the table and the misses are laid out for
+
+
+@dataclass(frozen=True)
+class ScoredRow:
+    """One held-out row as one adapter answered it: what `--out` writes for every row."""
+
+    row: int  # 1-based, in the data file's order
+    instruction: str
+    input: str
+    reference: str  # the completion the adapter was trained to write for this row
+    prediction: str  # its greedy answer
+    exact_match: bool
+    execution_match: bool | None = None  # --sql: the answer returns the reference's rows
+
+    def as_dict(self) -> dict:
+        fields = {
+            "row": self.row,
+            "instruction": self.instruction,
+            "input": self.input,
+            "reference": self.reference,
+            "prediction": self.prediction,
+            "exact_match": self.exact_match,
+        }
+        if self.execution_match is not None:
+            fields["execution_match"] = self.execution_match
+        return fields
 
 
 @dataclass(frozen=True)
 class Score:
-    """One adapter's figures on the held-out rows."""
+    """One adapter's figures on the held-out rows, and the rows they come from."""
 
     adapter: str
     examples: int
@@ -33,8 +67,10 @@ class Score:
     perplexity: float
     exact_match: float  # share of greedy answers equal to the reference
     execution_match: float | None = None  # share of SQL answers returning the reference's rows (--sql)
+    rows: tuple[ScoredRow, ...] = ()
 
     def as_dict(self) -> dict:
+        """The totals, then every row (`--out`): scripts read the totals by name, people read the rows."""
         fields = {
             "adapter": self.adapter,
             "examples": self.examples,
@@ -44,7 +80,13 @@ class Score:
         }
         if self.execution_match is not None:
             fields["execution_match"] = self.execution_match
+        fields["rows"] = [row.as_dict() for row in self.rows]
         return fields
+
+    @property
+    def misses(self) -> list[ScoredRow]:
+        """Rows answered wrong: by execution with --sql (same rows returned is right), else by text."""
+        return [row for row in self.rows if not (row.exact_match or row.execution_match)]
 
 
 @dataclass(frozen=True)
@@ -54,6 +96,7 @@ class Evaluation:
     mix: str | None  # the --mix spec, scored under the adapter name 'mix'
     sql: bool
     scores: tuple[Score, ...]
+    out: Path | None = None  # where every row was written
 
 
 def exact_match(
@@ -149,24 +192,90 @@ def run(
     base: str | None = None,
     home: str | None = None,
 ) -> Evaluation:
-    """Command `eval`: score the base and each adapter (and the mix) on held-out rows; `out` also gets JSON."""
+    """Command `eval`: score the base and each adapter (and the mix) on held-out rows; `out` also gets JSON,
+    every row included. The output path and the data are checked before any weights load."""
+    if out is not None:
+        prepare_output_file(out, "--out", "eval.json")
     data_path = local_or_hub(data, Path.cwd())  # a file relative to here, or a hub dataset id
     if data_path is None:
         raise QloraError(f"--data: file not found: {data}")
     weights = parse_mix(mix) if mix else None
+    records = load_records(adapter_refs, mix=weights, home=home)
+    names = [ref if ref == BASE else records[ref].folder.name for ref in adapter_refs] + ([MIX] if mix else [])
+    rows = held_out_rows(
+        data_path,
+        names,
+        {record.folder.name: record for record in records.values()},
+        mix_lead=records[next(iter(weights))].folder.name if weights else None,
+        max_rows=max_rows,
+    )
     session = open_session(adapter_refs, mix=weights, base=base, home=home)
-    names = [ref if ref == BASE else Path(ref).name for ref in adapter_refs] + ([MIX] if mix else [])
-    scores = score(session, data_path, names, sql=sql, max_rows=max_rows)
+    scores = score(session, rows, sql=sql)
     if out is not None:
         results = [result.as_dict() for result in scores]
         out.write_text(json.dumps({"data": data_path, "base": session.base_id, "results": results}, indent=2) + "\n")
-    return Evaluation(data=data, base_id=session.base_id, mix=mix, sql=sql, scores=tuple(scores))
+    return Evaluation(data=data, base_id=session.base_id, mix=mix, sql=sql, scores=tuple(scores), out=out)
 
 
-def render(evaluation: Evaluation) -> Table:
-    table = Table(title=f"{evaluation.data} on {evaluation.base_id}")
-    columns = ["adapter", "examples", "loss", "perplexity", "exact match"] + (
-        ["execution match"] if evaluation.sql else []
+def trained_columns(record: AdapterRecord) -> dict[str, str]:
+    """The data.columns mapping the adapter was trained with: from its record, or, for an adapter whose
+    qlora.json predates that field, from the recipe.yaml beside it."""
+    if record.data.columns:
+        return dict(record.data.columns)
+    recipe = record.folder / "recipe.yaml"
+    if not recipe.is_file():
+        return {}
+    section = (yaml.safe_load(recipe.read_text()) or {}).get("data") or {}
+    return dict(section.get("columns") or {})
+
+
+def held_out_rows(
+    data_path: str,
+    names: list[str],
+    records: dict[str, AdapterRecord],
+    *,
+    mix_lead: str | None = None,
+    max_rows: int | None = None,
+) -> dict[str, list[dict]]:
+    """The rows each evaluated name reads, mapped with the columns its adapter was trained on and checked,
+    all before any weights load. The base reads them as the first adapter does, and a mix as its first
+    member (`mix_lead`): the same way each is prompted (Session.style)."""
+    first = next(iter(records), None)
+    mapped: dict[str, list[dict]] = {}  # by mapping: adapters trained alike share one reading of the file
+    rows = {}
+    for name in names:
+        owner = mix_lead if name == MIX else name if name in records else first
+        columns = trained_columns(records[owner]) if owner else {}
+        key = json.dumps(columns, sort_keys=True)
+        if key not in mapped:
+            mapped[key] = _checked_rows(data_path, columns, owner, max_rows)
+        rows[name] = mapped[key]
+    return rows
+
+
+def _checked_rows(data_path: str, columns: dict[str, str], owner: str | None, max_rows: int | None) -> list[dict]:
+    """The file's rows with `columns` applied, every problem reported at once (eval scores every row, so
+    none is dropped)."""
+    how = f" (read with data.columns {columns}, as adapter {owner!r} was trained)" if columns else ""
+    try:  # 'drop' here only lets every bad row be listed below, with eval's own fix
+        checked = check_data(RowFile(data_path, split="test", columns=columns, max_rows=max_rows, invalid_rows="drop"))
+    except QloraError as error:
+        raise QloraError(f"--data: {str(error).removeprefix('data.path: ')}{how}") from None
+    if checked.bad:
+        listed = "".join(f"\n    {row}" for row in checked.bad[:SHOWN_ROWS])
+        more = f"\n    ... and {len(checked.bad) - SHOWN_ROWS} more" if len(checked.bad) > SHOWN_ROWS else ""
+        raise QloraError(
+            f"--data: {data_path}: {len(checked.bad)} of {checked.total} rows cannot be scored{how}; "
+            f"fix them or remove them:{listed}{more}"
+        )
+    return list(checked.rows)
+
+
+def render(evaluation: Evaluation) -> Group:
+    """The scores in one table, and under it a few misses of each adapter, all within 80 columns."""
+    table = Table(title=f"{evaluation.data} on {_shown_path(evaluation.base_id)}")
+    columns = ["adapter", "rows", "loss", "perplexity", "exact\nmatch"] + (
+        ["execution\nmatch"] if evaluation.sql else []
     )
     for column in columns:
         table.add_column(column, justify="left" if column == "adapter" else "right")
@@ -181,35 +290,83 @@ def render(evaluation: Evaluation) -> Table:
         if result.execution_match is not None:
             cells.append(f"{100 * result.execution_match:.1f}%")
         table.add_row(*cells)
-    return table
+    return Group(table, *render_misses(evaluation))
 
 
-def score(
-    session: Session, data_path: str, adapters: list[str], *, sql: bool = False, max_rows: int | None = None
-) -> list[Score]:
-    rows = read_rows(data_path, split="test", max_rows=max_rows)
-    check_rows(rows, data_path)
+def render_misses(evaluation: Evaluation) -> list[Text]:
+    """Up to MISSES_SHOWN wrong answers per adapter, each line shortened to WIDTH columns, then where every
+    row is."""
+    lines = []
+    for result in evaluation.scores:
+        misses = result.misses
+        if not misses:
+            continue
+        first = f"the first {MISSES_SHOWN}" if len(misses) > MISSES_SHOWN else "all shown"
+        lines += [
+            Text(""),
+            Text(_fit(f"{result.adapter} missed {len(misses)} of {result.examples}, {first}:"), style="bold"),
+        ]
+        for miss in misses[:MISSES_SHOWN]:
+            asked = f"{miss.instruction} | {miss.input}" if miss.input.strip() else miss.instruction
+            lines.append(Text(_fit(f"  row {miss.row}: {asked}")))
+            lines.append(Text(_fit(f"    want {miss.reference}"), style="green"))
+            lines.append(Text(_fit(f"    got  {miss.prediction}"), style="red"))
+    if lines:
+        where = f"every row, with its answer: {evaluation.out}" if evaluation.out else "--out FILE writes every row"
+        lines += [Text(""), Text(where, style="dim")]
+    return lines
+
+
+def _fit(line: str, width: int = WIDTH) -> str:
+    """One terminal line: line breaks shown as spaces, cut with an ellipsis past `width`."""
+    line = " ".join(line.split("\n"))
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _shown_path(model_id: str) -> str:
+    """A local base as a path relative to here when it lies below (titles stay short); a hub id as it is."""
+    path = Path(model_id)
+    if path.is_absolute() and path.is_relative_to(Path.cwd()):
+        return str(path.relative_to(Path.cwd()))
+    return model_id
+
+
+def score(session: Session, rows_by_name: dict[str, list[dict]], *, sql: bool = False) -> list[Score]:
+    """Each name's loss, answers and matches on its rows (held_out_rows)."""
     scores = []
-    for adapter in adapters:
+    for adapter, rows in rows_by_name.items():
         loss = response_loss(session, rows, adapter)
-        accuracy, answers = exact_match(
-            session, rows, adapter, Sampling(max_new_tokens=_answer_budget(session, rows, adapter))
-        )
-        execution = None
+        answers = session.ask(rows, adapter, Sampling(max_new_tokens=_answer_budget(session, rows, adapter)))
+        references = [session.example(row, adapter)["completion"].strip() for row in rows]
+        executions: list[bool | None] = [None] * len(rows)
         if sql:
-            matches = [
+            executions = [
                 sql_execution_match(row.get("input") or "", row["output"], answer, row["instruction"])
                 for row, answer in zip(rows, answers)
             ]
-            execution = round(sum(matches) / len(rows), 4)
+        scored = tuple(
+            ScoredRow(
+                row=number,
+                instruction=row["instruction"],
+                input=row.get("input") or "",
+                reference=reference,
+                prediction=answer,
+                exact_match=answer == reference,
+                execution_match=execution,
+            )
+            for number, (row, reference, answer, execution) in enumerate(
+                zip(rows, references, answers, executions), start=1
+            )
+        )
         scores.append(
             Score(
                 adapter=adapter,
                 examples=len(rows),
                 loss=round(loss, 4),
                 perplexity=round(math.exp(loss), 3),
-                exact_match=round(accuracy, 4),
-                execution_match=execution,
+                exact_match=round(sum(row.exact_match for row in scored) / len(rows), 4),
+                execution_match=round(sum(executions) / len(rows), 4) if sql else None,
+                rows=scored,
             )
         )
     return scores

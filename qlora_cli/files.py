@@ -101,3 +101,22 @@ def atomic_directory(dest: Path, *, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def prepare_output_file(path: Path, option: str, example: str) -> None:
+    """Before any work: fail if a result file cannot be written at `path` (`option` names the flag, e.g.
+    --out; `example` is a file name to suggest), and create its parent folders, so minutes of evaluation
+    never end on a missing folder."""
+    if path.is_dir():
+        raise QloraError(f"{option} {path}: is a folder; name a file inside it, e.g. {option} {path / example}")
+    existing = next(parent for parent in path.absolute().parents if parent.exists())
+    if not existing.is_dir():
+        raise QloraError(f"{option} {path}: {existing} is a file, not a folder; choose another path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise QloraError(
+            f"{option} {path}: cannot create folder {path.parent} ({error.strerror}); choose another path"
+        ) from None
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise QloraError(f"{option} {path}: not writable; choose another path, or fix the permissions")

@@ -181,6 +181,15 @@ def parse_mix(spec: str) -> dict[str, float]:
     return weights
 
 
+def load_records(
+    adapter_refs: list[str], *, mix: dict[str, float] | None = None, home: str | None = None
+) -> dict[str, AdapterRecord]:
+    """The record of every adapter named (by --adapter or in the mix), by the name or path given, in the
+    order given; reads only qlora.json, no weights."""
+    refs = [ref for ref in dict.fromkeys([*adapter_refs, *(mix or {})]) if ref != BASE]
+    return {ref: AdapterRecord.load(adapters.find_adapter(ref, home)) for ref in refs}
+
+
 def open_session(
     adapter_refs: list[str],
     *,
@@ -190,8 +199,8 @@ def open_session(
     allow_base_mismatch: bool = False,
 ) -> Session:
     """Load the base once and every named adapter beside it (names first checked, before any weights)."""
-    refs = [ref for ref in dict.fromkeys([*adapter_refs, *(mix or {})]) if ref != BASE]
-    records = {ref: AdapterRecord.load(adapters.find_adapter(ref, home)) for ref in refs}
+    records = load_records(adapter_refs, mix=mix, home=home)
+    refs = list(records)
     if records:
         check_one_base(list(records.values()))
         section = next(iter(records.values())).base_section(base)
@@ -263,6 +272,7 @@ def converse(
     for instruction in instructions:
         if not instruction.strip():
             return
+        warn_unknown_words(session.tokenizer, [{"instruction": instruction, "input": input_text}])
         for name in targets:
             if len(targets) > 1:
                 show_heading(f"── {name} ──")
@@ -271,9 +281,59 @@ def converse(
             show("\n")
 
 
+CHAT_HELP = "type an instruction and press Enter; an empty line, Ctrl-D or Ctrl-C leaves"
+
+
+def chat_instructions(read: Callable[[str], str] = input) -> Iterator[str]:
+    """Instructions typed at the 'you: ' prompt, until an empty line, end of input (Ctrl-D) or Ctrl-C."""
+    while True:
+        try:
+            line = read("you: ")
+        except (EOFError, KeyboardInterrupt):
+            return
+        if not line.strip():
+            return
+        yield line
+
+
+def unknown_words(tokenizer: PreTrainedTokenizerBase, text: str) -> list[str]:
+    """The pieces of `text` the tokenizer can only read as its unknown token (a word-level vocabulary, like
+    the tiny base's, lacks most words), once each. Byte-level and byte-fallback tokenizers have none."""
+    unknown_id = tokenizer.unk_token_id
+    if unknown_id is None or not text.strip():
+        return []
+    if getattr(tokenizer, "is_fast", False):  # offsets need a fast tokenizer
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        pieces = (
+            text[start:end]
+            for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"])
+            if token == unknown_id
+        )
+    else:
+        pieces = (word for word in text.split() if unknown_id in tokenizer(word, add_special_tokens=False)["input_ids"])
+    return list(dict.fromkeys(pieces))
+
+
+def warn_unknown_words(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> None:
+    """Warn when prompts hold words the model cannot see: it reads each as one unknown token, so its
+    answer cannot repeat them and is a guess about them."""
+    per_row = [unknown_words(tokenizer, f"{row['instruction']}\n{row.get('input') or ''}") for row in rows]
+    words = list(dict.fromkeys(word for found in per_row for word in found))
+    if not words:
+        return
+    shown = ", ".join(repr(word) for word in words[:10]) + (f" and {len(words) - 10} more" if len(words) > 10 else "")
+    where = "the prompt" if len(rows) == 1 else f"{sum(map(bool, per_row))} of {len(rows)} prompts"
+    log.warning(
+        "%s holds words the tokenizer cannot represent: %s; the model reads each as %s, so its answer cannot use them",
+        where,
+        shown,
+        tokenizer.unk_token,
+    )
+
+
 @dataclass(frozen=True)
 class BatchAnswers:
-    """Batch mode: each prompt row with the adapter that answered it and its output."""
+    """Batch mode: each prompt row as given, with the adapter that answered it and its answer (ANSWER_FIELD)."""
 
     answers: tuple[dict, ...]
     out: Path | None  # where they were written; None: they go to stdout
@@ -283,11 +343,12 @@ def run_batch(
     session: Session, rows: list[dict], targets: list[str], sampling: Sampling, out: Path | None = None
 ) -> BatchAnswers:
     """Every row answered by each target, or only by the one its "adapter" field names."""
+    warn_unknown_words(session.tokenizer, rows)
     answers = []
     for name in targets:
         chosen = [row for row in rows if row.get("adapter", name) == name]
         for row, answer in zip(chosen, session.ask(chosen, name, sampling)):
-            answers.append({**row, "adapter": name, "output": answer})
+            answers.append({**row, "adapter": name, ANSWER_FIELD: answer})
     if out is not None:
         out.write_text(_jsonl(answers))
         log.info("%d answers written to %s", len(answers), out)
@@ -303,15 +364,31 @@ def _jsonl(rows) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
+# Batch mode adds the answer in a field of its own: every field of the input row comes back as it was
+# (a row's "output", say a reference answer, stays beside the model's answer).
+ANSWER_FIELD = "answer"
+
+
 def read_prompts(path: Path) -> list[dict]:
-    """Prompt rows for batch mode: {"instruction", "input"?} per JSONL line (a bare string is an instruction)."""
+    """Prompt rows for batch mode: {"instruction", "input"?, "adapter"?} per JSONL line (a bare string is an
+    instruction). Checked whole before any model loads."""
     from qlora_cli.data import read_jsonl
 
-    rows = []
-    for number, row in enumerate(read_jsonl(path), start=1):
+    if not path.is_file():
+        raise QloraError(f"--prompts {path}: no such file")
+    rows = read_jsonl(path)
+    # read_jsonl skips blank lines: number each row by its line in the file, as an editor shows it
+    lines = [
+        number for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1) if line.strip()
+    ]
+    for index, (number, row) in enumerate(zip(lines, rows)):
         if isinstance(row, str):
-            row = {"instruction": row}
+            rows[index] = row = {"instruction": row}
         if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
             raise QloraError(f'{path}: line {number}: expected {{"instruction": ..., "input": ...}}')
-        rows.append(row)
+        if ANSWER_FIELD in row:
+            raise QloraError(
+                f'{path}: line {number}: the row already has an "{ANSWER_FIELD}" field, where generate writes its '
+                f"answer; rename that field (every other field is kept as it is)"
+            )
     return rows

@@ -31,6 +31,6 @@ step qlora eval --data recipes/tiny/sql/test.jsonl -a none -a sql -a json --mix 
 step qlora eval --data recipes/tiny/json/test.jsonl -a none -a sql -a json --mix sql=0.5,json=0.5 --out runs/eval-json.json
 step qlora generate --compare -a sql -a json "Which model has the highest seats in cars?" --input "table cars (model, brand, color, price, seats)"
 step qlora generate -a sql -a json --prompts recipes/tiny/demo-prompts.jsonl
-step qlora generate --mix sql=0.5,json=0.5 "Extract the order as JSON." --input "Order 17 yellow rugs for the Dublin store."
+step qlora generate --mix sql=0.7,json=0.3 "Which model has the highest seats in cars?" --input "table cars (model, brand, color, price, seats)"
 echo
 echo "demo finished in $(( $(date +%s) - started )) s (after set-up)"

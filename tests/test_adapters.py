@@ -106,7 +106,7 @@ def test_batch_mode_routes_each_row_to_its_adapter(trained_adapters, session, tm
     assert code == 0, err
     answers = read_jsonl(out)
     expected = [session.ask([SQL[0]], "sql")[0], session.ask([JSON[0]], "json")[0]]
-    assert [(a["adapter"], a["output"]) for a in answers] == [("sql", expected[0]), ("json", expected[1])]
+    assert [(a["adapter"], a["answer"]) for a in answers] == [("sql", expected[0]), ("json", expected[1])]
     assert expected[0].startswith("SELECT") and expected[1].startswith("{")
 
 

@@ -18,6 +18,7 @@ from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from rich import box
 from rich.table import Table
 from rich.text import Text
 
@@ -25,6 +26,7 @@ from qlora_cli.errors import QloraError
 from qlora_cli.files import MARKER
 from qlora_cli.prompts import DEFAULT_TASK, DEFAULT_TEMPLATE
 from qlora_cli.recipe import ADAPTER_NAME, ModelSection
+from qlora_cli.tables import Breakable, Fitted
 
 HOME_ENV = "QLORA_ADAPTERS_DIR"
 DEFAULT_HOME = "adapters"  # relative to the working directory, like the runs/ folder beside it
@@ -214,29 +216,53 @@ def run_list(home: str | Path | None = None) -> Listing:
     )
 
 
-def render_list(listing: Listing) -> Table | Text:
+def render_list(listing: Listing) -> Fitted | Text:
+    """One row per adapter, fitting 80 columns: the name stays whole (users type it next); model ids and
+    paths wrap after a '/' or '-', dates at the space before the time, never mid-word (`adapters show
+    NAME` has the rest)."""
+    home = f"{listing.home}{os.sep}"
     if not listing.adapters:
-        return Text(f"no adapters in {listing.home} (qlora train writes them there)")
-    table = Table(title=f"adapters in {listing.home}")
-    for column in ("name", "base", "r", "targets", "data", "train loss", "eval loss", "size", "created"):
-        # The columns people act on stay whole; the rest wrap in narrow terminals.
-        table.add_column(column, no_wrap=column in ("name", "targets", "r", "size"))
+        return Text(f"no adapters in the folder {home} yet; qlora train writes them there")
+    count = len(listing.adapters)
+    table = Table(
+        title=f"{count} adapter{'s' if count != 1 else ''} in the folder {home}",
+        caption="details: qlora adapters show NAME",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+    )
+    table.add_column("name", no_wrap=True)
+    table.add_column("base")
+    table.add_column("r", justify="right")
+    table.add_column("data")
+    table.add_column("final loss", justify="right")
+    table.add_column("size", justify="right")
+    table.add_column("created")
     for listed in listing.adapters:
         record = listed.record
-        base = record.base.id or "?"
-        targets = record.lora.target_modules or "?"
+        loss = record.metrics.get("train_loss")  # the loss at the end of training, not the run's average
         table.add_row(
-            record.folder.name,
-            Path(base).name if Path(base).is_absolute() else base,
-            str(record.lora.r or "?"),
-            targets if isinstance(targets, str) else ",".join(targets),
-            Path(record.data.path or "?").name,
-            str(record.metrics.get("train_loss", "-")),
-            str(record.metrics.get("eval_loss", "-")),
-            f"{listed.size_bytes / 2**20:.1f} MiB",
-            (record.created or "?")[:16].replace("T", " "),
+            Text(record.folder.name),
+            Breakable(_short_source(record.base.id)),
+            Text(str(record.lora.r or "?")),
+            Breakable(_short_source(record.data.path)),
+            Text(f"{loss:.4g}" if isinstance(loss, (int, float)) else "-"),
+            Text(_size(listed.size_bytes)),
+            Text((record.created or "?")[:16].replace("T", " ")),  # to the minute; adapters show has the rest
         )
-    return table
+    return Fitted(table)
+
+
+def _short_source(source: str | None) -> str:
+    """A local path as its last two parts (tiny/base, sql/train.jsonl: enough to tell them apart); a hub id whole."""
+    if not source:
+        return "?"
+    path = Path(source)
+    return str(Path(*path.parts[-2:])) if path.is_absolute() else source
+
+
+def _size(size_bytes: int) -> str:
+    return f"{size_bytes / 2**20:.1f} MiB" if size_bytes >= 2**20 else f"{size_bytes / 2**10:.0f} KiB"
 
 
 @dataclass(frozen=True)

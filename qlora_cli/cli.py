@@ -20,6 +20,13 @@ from qlora_cli.errors import ExitCode, QloraError
 
 app = typer.Typer(
     help="Fine-tune large language models with QLoRA: 4-bit base, small LoRA adapters.",
+    epilog=(
+        "Start here:\n"
+        "  qlora doctor\n"
+        "  qlora recipes list\n"
+        "  qlora train tiny-sql\n"
+        "  qlora generate --adapter sql 'How many users are there?'"
+    ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -59,9 +66,27 @@ def _quiet_libraries() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+VERBOSE_FLAGS = ("-v", "--verbose")
+
+
+def _show_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        typer.echo(f"qlora {version('qlora-cli')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _setup(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs and library warnings.")] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(*VERBOSE_FLAGS, help="Show debug logs and library warnings (before or after the command)."),
+    ] = False,
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Print qlora's version and exit."),
+    ] = False,
 ) -> None:
     from rich.logging import RichHandler
 
@@ -135,16 +160,28 @@ def train(
 
 @app.command()
 def doctor(
-    recipe: Annotated[str | None, typer.Argument(help="Also check disk room for this recipe's model.")] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Argument(
+            help="Also check this recipe: it loads, and the disk has room for its model.", show_default=False
+        ),
+    ] = None,
 ) -> None:
-    """Check Python, torch and CUDA, the GPU, bitsandbytes, disk and the hub, before downloading anything."""
-    from qlora_cli import doctor as doctor_stage
-    from qlora_cli.recipe import load_recipe
+    """Check Python, torch and CUDA, the GPU, bitsandbytes, the hub and disk, before downloading anything.
 
-    diagnosis = doctor_stage.run(load_recipe(recipe) if recipe else None)
+    Every check prints one line, even when another fails; without network it answers within seconds.
+
+    Exit codes: 0 every check passed or only warned (WARN: e.g. no GPU, or no hub); 1 a check failed (FAIL).
+
+    Examples:
+      qlora doctor
+      qlora doctor recipes/mistral7b-alpaca.yaml
+    """
+    from qlora_cli import doctor as doctor_stage
+
+    diagnosis = doctor_stage.run(recipe)
     _print(doctor_stage.render(diagnosis))
-    if diagnosis.failed:
-        raise typer.Exit(1)
+    raise typer.Exit(diagnosis.exit_code)
 
 
 @app.command()
@@ -373,15 +410,41 @@ RecipeNameArg = Annotated[str, typer.Argument(help="Recipe name, e.g. mistral7b-
 
 @recipes_app.command("list")
 def recipes_list() -> None:
-    """Shipped recipes with their model, dataset and purpose."""
+    """Shipped recipes with their model and purpose.
+
+    Example:
+      qlora recipes list
+    """
     from qlora_cli.recipe import list_recipes, render_recipes
 
     _print(render_recipes(list_recipes()))
 
 
+@recipes_app.command("keys")
+def recipes_keys(
+    section: Annotated[
+        str | None,
+        typer.Argument(help="Only this section: model, lora, data or train.", show_default=False),
+    ] = None,
+) -> None:
+    """Every recipe key with its default and what it does, from the schema itself.
+
+    Examples:
+      qlora recipes keys
+      qlora recipes keys lora
+    """
+    from qlora_cli.recipe import recipe_keys, render_recipe_keys
+
+    _print(render_recipe_keys(recipe_keys(section)))
+
+
 @recipes_app.command("show")
 def recipes_show(name: RecipeNameArg) -> None:
-    """Print a shipped recipe."""
+    """Print a shipped recipe.
+
+    Example:
+      qlora recipes show tiny-sql
+    """
     from qlora_cli.recipe import shipped_recipe
 
     typer.echo(shipped_recipe(name).read_text(), nl=False)
@@ -406,7 +469,12 @@ app.add_typer(adapters_app, name="adapters")
 
 @adapters_app.command("list")
 def adapters_list(adapters_dir: AdaptersDirOpt = None) -> None:
-    """Every adapter in the adapters home, with its base, rank, data and metrics."""
+    """Every adapter in the adapters home, with its base, rank, data, final loss, size and date.
+
+    Examples:
+      qlora adapters list
+      qlora adapters list --adapters-dir /data/adapters
+    """
     from qlora_cli import adapters
 
     _print(adapters.render_list(adapters.run_list(adapters_dir)))
@@ -416,16 +484,28 @@ def adapters_list(adapters_dir: AdaptersDirOpt = None) -> None:
 def adapters_show(
     name: Annotated[str, typer.Argument(help="Adapter name or folder.")], adapters_dir: AdaptersDirOpt = None
 ) -> None:
-    """One adapter's record and the recipe that made it."""
+    """One adapter's record and the recipe that made it.
+
+    Example:
+      qlora adapters show sql
+    """
     from qlora_cli import adapters
 
     typer.echo(adapters.render_show(adapters.run_show(name, adapters_dir)), nl=False)
 
 
+def _verbose_first(argv: list[str]) -> list[str]:
+    """click reads the group's -v only before the command; users also type it after (`qlora train x.yaml -v`),
+    so it moves to the front. Arguments after `--` are left alone."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [arg for arg in argv[:end] if arg in VERBOSE_FLAGS]
+    return flags[:1] + [arg for arg in argv[:end] if arg not in VERBOSE_FLAGS] + argv[end:]
+
+
 def main() -> None:
     """The `qlora` entry point: each outcome leaves with its documented exit code (errors.ExitCode)."""
     try:
-        app()
+        app(args=_verbose_first(sys.argv[1:]), prog_name="qlora")
     except QloraError as error:
         from rich.text import Text
 

@@ -1,4 +1,10 @@
-"""Command `doctor`: is this box ready to fine-tune, before anything large is downloaded?"""
+"""Command `doctor`: is this box ready to fine-tune, before anything large is downloaded?
+
+Every check runs and prints its line, whatever the others found: a recipe that does not load or a hub
+that does not answer is one line among the rest, never the end of the diagnosis. Nothing here waits on
+the network for more than a few seconds: the hub is asked once, and when it does not answer the recipe's
+model config is looked up in the local cache only (huggingface_hub would otherwise retry for ~30 s).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.table import Table
 from rich.text import Text
 
-from qlora_cli.recipe import Recipe, is_local
+from qlora_cli.errors import ExitCode, QloraError
+from qlora_cli.recipe import Recipe, is_local, load_recipe
+
+HUB_TIMEOUT_SECONDS = 3  # one answer within seconds, or the hub counts as unreachable
 
 
 @dataclass(frozen=True)
@@ -79,35 +89,84 @@ def bitsandbytes_check() -> Check:
     )
 
 
-def disk_check(recipe: Recipe) -> Check:
+def recipe_check(path: str) -> tuple[Check, Recipe | None]:
+    """The recipe loads and validates: the disk check needs its model."""
+    try:
+        recipe = load_recipe(path)
+    except QloraError as error:
+        return Check("recipe", False, "; ".join(line.strip() for line in str(error).splitlines())), None
+    return Check("recipe", True, f"{path}: adapter {recipe.lora.name!r}, model {recipe.model.id}"), recipe
+
+
+def disk_check(recipe: Recipe, *, hub_reachable: bool) -> Check:
     """Room for the 16-bit weights in the Hugging Face cache (they download before being quantized)."""
     from qlora_cli.plan import count_parameters, load_config
 
-    config, _ = load_config(recipe)
+    model_id = recipe.model.id
+    try:
+        if is_local(model_id) or hub_reachable:
+            config, _ = load_config(recipe)
+        else:
+            config = cached_config(model_id, recipe.model.revision)
+    except QloraError as error:
+        return Check("disk", False, str(error))
+    if config is None:
+        return Check(
+            "disk",
+            None,
+            f"not checked: {model_id}'s config.json is not in the local cache and the hub does not answer",
+        )
     needed = count_parameters(config)["total"] * 2
     cache = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
     cache.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(cache).free
-    ok = free > needed * 1.2 or is_local(recipe.model.id)
+    ok = free > needed * 1.2 or is_local(model_id)
     return Check(
         "disk",
         ok,
-        f"{free / 1e9:.0f} GB free in {cache}, {recipe.model.id} needs ~{needed / 1e9:.1f} GB"
+        f"{free / 1e9:.0f} GB free in {cache}, {model_id} needs ~{needed / 1e9:.1f} GB"
         + ("" if ok else ": free space or set HF_HOME"),
     )
 
 
+def cached_config(model_id: str, revision: str | None) -> dict | None:
+    """The model's config.json from the local Hugging Face cache, without a network request; None if absent."""
+    import json
+
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(model_id, "config.json", revision=revision)
+    if not isinstance(path, str):  # None (never fetched) or _CACHED_NO_EXIST (fetched: the repo has no such file)
+        return None
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise QloraError(f"model.id: cannot read the cached {path}: {error}; fetch it again") from None
+
+
+def hub_endpoint() -> str:
+    # Read at call time, as a fresh huggingface_hub would: HF_ENDPOINT points at a mirror (or, in tests, nowhere).
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
 def hub_check() -> Check:
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        return Check("hub", None, "HF_HUB_OFFLINE=1: only cached or local models")
+    """One request with a short timeout: a box without network learns it in seconds, in one line."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return Check("hub", None, "HF_HUB_OFFLINE is set: only cached or local models")
     import urllib.request
 
+    endpoint = hub_endpoint()
     try:
         urllib.request.urlopen(
-            urllib.request.Request("https://huggingface.co/api/models?limit=1", method="HEAD"), timeout=5
+            urllib.request.Request(f"{endpoint}/api/models?limit=1", method="HEAD"), timeout=HUB_TIMEOUT_SECONDS
         )
-    except Exception as error:
-        return Check("hub", None, f"unreachable ({type(error).__name__}); use local folders or a cached model")
+    except Exception as error:  # DNS, refused, timeout, proxy, TLS: all mean the same to the user
+        reason = getattr(error, "reason", None) or error
+        return Check(
+            "hub",
+            None,
+            f"{endpoint} unreachable ({type(reason).__name__}); use local folders or cached models",
+        )
     token = "token set" if os.environ.get("HF_TOKEN") else "no HF_TOKEN: gated models (Llama, Mistral) need one"
     return Check("hub", True, f"reachable; {token}")
 
@@ -120,22 +179,39 @@ class Diagnosis:
     def failed(self) -> bool:
         return any(check.ok is False for check in self.checks)
 
+    @property
+    def exit_code(self) -> ExitCode:
+        """By the worst check: a failure is USER_ERROR; warnings alone still pass (a laptop without a GPU
+        warns, yet runs the tiny recipes), so `qlora doctor && qlora train ...` works there."""
+        return ExitCode.USER_ERROR if self.failed else ExitCode.OK
 
-def run(recipe: Recipe | None) -> Diagnosis:
+
+def run(recipe_path: str | None) -> Diagnosis:
     checks = [python_check(), *torch_checks(), bitsandbytes_check()]
-    if recipe is not None:
-        checks.append(disk_check(recipe))
-    checks.append(hub_check())
+    hub = hub_check()  # before the disk check: an unreachable hub means the config comes from the cache only
+    checks.append(hub)
+    if recipe_path is not None:
+        loaded, recipe = recipe_check(recipe_path)
+        checks.append(loaded)
+        checks.append(
+            disk_check(recipe, hub_reachable=hub.ok is True)
+            if recipe is not None
+            else Check("disk", None, "not checked: the recipe does not load")
+        )
     return Diagnosis(tuple(checks))
 
 
-MARKS = {True: ("OK  ", "green"), None: ("WARN", "yellow"), False: ("FAIL", "red")}
+MARKS = {True: ("OK", "green"), None: ("WARN", "yellow"), False: ("FAIL", "red")}
 
 
-def render(diagnosis: Diagnosis) -> Text:
-    """One line per check: its verdict in colour, its name, what was found or how to fix it."""
-    lines = []
+def render(diagnosis: Diagnosis) -> Table:
+    """One row per check: its verdict in colour, its name, what was found or how to fix it. The detail wraps
+    under itself at word boundaries, so the verdicts stay a clean column in a narrow terminal."""
+    table = Table.grid(padding=(0, 1))
+    table.add_column(no_wrap=True)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
     for check in diagnosis.checks:
         mark, color = MARKS[check.ok]
-        lines.append(Text.assemble((mark, color), f" {check.name:<13} {check.detail}"))
-    return Text("\n").join(lines)
+        table.add_row(Text(mark, style=color), Text(check.name), Text(check.detail))  # Text: '[' is not markup
+    return table

@@ -435,6 +435,9 @@ def find_recipe(path: str | Path) -> Path:
     )
 
 
+PURPOSE_PREFIX = "# purpose:"  # the header line `recipes list` shows, written for it
+
+
 @dataclass(frozen=True)
 class ShippedRecipe:
     """One row of `qlora recipes list`: the name users type next, the model, the data and the purpose."""
@@ -442,18 +445,20 @@ class ShippedRecipe:
     name: str
     model: str
     data: str
-    purpose: str  # the comment line under the recipe's run command
+    purpose: str  # the recipe's `# purpose:` header line
 
     @classmethod
     def read(cls, path: Path) -> ShippedRecipe:
         text = path.read_text()
         data = yaml.safe_load(text) or {}
-        comments = [line[1:].strip() for line in text.splitlines() if line.startswith("#")]
+        purposes = [
+            line.removeprefix(PURPOSE_PREFIX).strip() for line in text.splitlines() if line.startswith(PURPOSE_PREFIX)
+        ]
         return cls(
             name=path.stem,
             model=str((data.get("model") or {}).get("id", "?")),
             data=str((data.get("data") or {}).get("path", "?")),
-            purpose=comments[1] if len(comments) > 1 else "",
+            purpose=purposes[0] if purposes else "",
         )
 
 
@@ -463,15 +468,78 @@ def list_recipes() -> list[ShippedRecipe]:
 
 
 def render_recipes(recipes: list[ShippedRecipe]):
+    """Each recipe's name with its model underneath, and its purpose beside them: names and model ids stay
+    whole (people copy them), the purpose wraps between words."""
+    from rich import box
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"recipes in {SHIPPED_RECIPES}")
-    # The name is what users type next: never wrapped.
-    table.add_column("name", no_wrap=True, min_width=max(len(recipe.name) for recipe in recipes))
-    for column in ("model", "data", "purpose"):
-        table.add_column(column)
+    table = Table(
+        title="shipped recipes",
+        caption="see one: qlora recipes show NAME; start yours: qlora recipes copy NAME my.yaml",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        leading=1,  # a blank line between recipes: each is two lines tall
+    )
+    table.add_column(Text.assemble("name ", ("/ model", "dim")), no_wrap=True)
+    table.add_column("purpose", ratio=1)
     for recipe in recipes:
-        table.add_row(recipe.name, recipe.model, recipe.data, recipe.purpose)
+        table.add_row(Text.assemble(recipe.name, "\n", (recipe.model, "dim")), Text(recipe.purpose))
+    return table
+
+
+@dataclass(frozen=True)
+class RecipeKey:
+    """One row of `qlora recipes keys`: a key as a recipe (or --set) writes it, its default and what it does."""
+
+    key: str  # section.name, as --set takes it
+    default: str  # "required", or the default in YAML form
+    description: str
+
+
+def recipe_keys(section: str | None = None) -> list[RecipeKey]:
+    """Every recipe key with its default and description, read from the schema itself (never a second copy)."""
+    sections = {name: field.annotation for name, field in Recipe.model_fields.items()}
+    if section is not None and section not in sections:
+        raise QloraError(f"no recipe section {section!r}; sections: {', '.join(sections)}")
+    keys = []
+    for name, model in sections.items():
+        if section not in (None, name):
+            continue
+        for key, field in model.model_fields.items():
+            keys.append(RecipeKey(f"{name}.{key}", _default_text(name, key, field), field.description or ""))
+    return keys
+
+
+def _default_text(section: str, key: str, field) -> str:
+    named = {("lora", "name"): "<file name>", ("train", "output_dir"): "runs/<lora.name>"}
+    if (section, key) in named:  # filled from the recipe's own name by Recipe._named_defaults
+        return named[section, key]
+    if field.is_required():
+        return "required"
+    return (
+        yaml.safe_dump(field.get_default(call_default_factory=True), default_flow_style=True)
+        .strip()
+        .removesuffix("\n...")
+    )
+
+
+def render_recipe_keys(keys: list[RecipeKey]):
+    """Key and default stay whole; the description wraps between words beside them."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(
+        title="recipe keys (set in YAML, or --set section.key=value)",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+    )
+    table.add_column("key", no_wrap=True)
+    table.add_column("default", no_wrap=True)
+    table.add_column("description", ratio=1)
+    for key in keys:  # Text, not markup: a default such as [tensorboard] is not a style tag
+        table.add_row(Text(key.key), Text(key.default), Text(key.description))
     return table
 
 

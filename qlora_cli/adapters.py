@@ -74,7 +74,7 @@ class AdapterRecord(_Record):
     task: Literal["forward", "reverse"] = DEFAULT_TASK
     lora: LoraRecord = LoraRecord()
     data: DataRecord = DataRecord()
-    metrics: dict[str, int | float | str] = {}  # peak_memory is a sentence
+    metrics: dict[str, int | float | str | list[int]] = {}  # peak_memory is a sentence; train_loss_steps a pair
     created: str | None = None
     versions: dict[str, str] = {}
 

@@ -101,11 +101,15 @@ class RichProgress(TrainerCallback):
             self.progress = None
 
 
-def final_train_loss(log_history: list[dict]) -> tuple[int, float] | None:
-    """(step, loss) of the last logged training loss: where the curve ends. The trainer's own
-    `training_loss` is the average over the whole run, far above it on a run that learned."""
-    logged = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
-    return logged[-1] if logged else None
+def final_train_loss(log_history: list[dict]) -> tuple[int, int, float] | None:
+    """(first step, last step, loss) of the last logged training loss, the mean over the steps since the log
+    before it: where the curve ends. The trainer's own `training_loss` is the average over the whole run,
+    far above it on a run that learned."""
+    steps = [entry["step"] for entry in log_history if "loss" in entry]
+    if not steps:
+        return None
+    last = next(entry for entry in reversed(log_history) if "loss" in entry)
+    return (steps[-2] + 1 if len(steps) > 1 else 1), last["step"], last["loss"]
 
 
 # Below this many points a line alone says little (one point draws nothing): each point gets a marker.
@@ -170,7 +174,7 @@ def write_report(
         f"- tokens seen: {metrics['tokens_seen']:,}{_session(metrics)}; {metrics['tokens_per_second']:,.0f} tokens/s "
         f"over {metrics['train_seconds']} s",
         f"- peak memory: {metrics['peak_memory']}",
-        f"- final train loss (step {metrics['steps']}): {metrics['train_loss']}; "
+        f"- final train loss ({_window(metrics)}): {metrics['train_loss']}; "
         f"average over the run: {metrics['mean_train_loss']}"
         + (f"; eval loss: {metrics['eval_loss']}" if "eval_loss" in metrics else ""),
         f"- adapter: `{adapter_dir}`",
@@ -181,6 +185,11 @@ def write_report(
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _window(metrics: dict) -> str:
+    first, last = metrics.get("train_loss_steps", (metrics["steps"], metrics["steps"]))
+    return f"step {last}" if first == last else f"mean of steps {first}-{last}"
 
 
 def _session(metrics: dict) -> str:

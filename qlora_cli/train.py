@@ -293,7 +293,8 @@ def run(
     final = final_train_loss(state.log_history)
     session_tokens = tally.session_tokens(state)
     metrics = {
-        "train_loss": round(final[1] if final else result.training_loss, 4),  # at the end, where the curve ends
+        "train_loss": round(final[2] if final else result.training_loss, 4),  # at the end, where the curve ends
+        "train_loss_steps": list(final[:2]) if final else [result.global_step] * 2,  # the steps it averages
         "mean_train_loss": round(result.training_loss, 4),  # the trainer's average over this session's steps
         "steps": result.global_step,
         "examples": len(data.train),

@@ -85,9 +85,12 @@ def test_the_reported_final_loss_is_where_the_curve_ends(trained_adapters):
     history = json.loads((run_dir / checkpoints.LOG_HISTORY).read_text())
     losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
     assert losses[-1] == (metrics["steps"], metrics["train_loss"]), "the last step is logged, and it is the final loss"
+    first = losses[-2][0] + 1  # the logged loss is the mean over the steps since the log before
+    assert metrics["train_loss_steps"] == [first, metrics["steps"]]
     # The average over a run that learned sits far above where it ended (the demo: 0.26 against 0.01).
     assert metrics["mean_train_loss"] > 3 * metrics["train_loss"]
-    assert f"final train loss (step {metrics['steps']}): {metrics['train_loss']}" in (run_dir / "report.md").read_text()
+    report_line = f"final train loss (mean of steps {first}-{metrics['steps']}): {metrics['train_loss']}"
+    assert report_line in (run_dir / "report.md").read_text()
     adapter = json.loads((trained_adapters / "sql" / "qlora.json").read_text())
     assert adapter["metrics"]["train_loss"] == metrics["train_loss"]
 

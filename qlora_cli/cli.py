@@ -114,7 +114,12 @@ def _print(renderable) -> None:
 
 @app.command()
 def validate(recipe: RecipeArg, overrides: SetOpt = None, adapters_dir: AdaptersDirOpt = None) -> None:
-    """Check a recipe without loading any weights."""
+    """Check a recipe without loading any weights: keys, data files and rows, columns, model and targets.
+
+    Examples:
+      qlora validate recipes/tiny-sql.yaml
+      qlora validate my.yaml --set lora.r=32
+    """
     from qlora_cli import preflight
     from qlora_cli.recipe import find_recipe, load_recipe
 
@@ -145,7 +150,14 @@ def train(
     ] = False,
     adapters_dir: AdaptersDirOpt = None,
 ) -> None:
-    """Fine-tune a LoRA adapter on a 4-bit base, as the recipe says."""
+    """Fine-tune a LoRA adapter on a 4-bit base, as the recipe says.
+
+    Examples:
+      qlora train tiny-sql
+      qlora train my.yaml --dry-run
+      qlora train my.yaml --set train.epochs=2 --set lora.r=32
+      qlora train my.yaml --resume
+    """
     from qlora_cli.recipe import find_recipe, load_recipe
 
     loaded = load_recipe(recipe, overrides or [])
@@ -206,7 +218,12 @@ def plan(
         ),
     ] = None,
 ) -> None:
-    """Predict peak GPU memory and time per epoch from the model's config alone (no torch, no weights)."""
+    """Predict peak GPU memory and time per epoch from the model's config alone (no torch, no weights).
+
+    Examples:
+      qlora plan recipes/mistral7b-alpaca.yaml --gpu-memory 24
+      qlora plan recipes/qwen2.5-14b-sql.yaml --gpu rtx4090
+    """
     from qlora_cli import plan as plan_stage
     from qlora_cli.recipe import load_recipe
 
@@ -248,10 +265,12 @@ def generate(
         bool,
         typer.Option("--chat", help="Interactive: type instructions, read answers; an empty line or Ctrl-D quits."),
     ] = False,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy decoding.")] = 0.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
-    seed: Annotated[int, typer.Option()] = 0,
+    top_p: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling: keep the likeliest tokens up to this mass.")
+    ] = 1.0,
+    seed: Annotated[int, typer.Option(help="Random seed for sampling (temperature > 0), for repeatable answers.")] = 0,
     base: BaseOpt = None,
     allow_base_mismatch: Annotated[
         bool,
@@ -261,7 +280,15 @@ def generate(
     ] = False,
     adapters_dir: AdaptersDirOpt = None,
 ) -> None:
-    """Generate with one adapter, several, a weighted mix, or none."""
+    """Generate with one adapter, several, a weighted mix, or none.
+
+    Examples:
+      qlora generate --adapter sql "How many users signed up in 2024?"
+      qlora generate --adapter sql --adapter none --compare "List all orders"
+      qlora generate --mix sql=0.7,json=0.3 "Order two apples"
+      qlora generate --adapter sql --prompts questions.jsonl --out answers.jsonl
+      qlora generate --adapter sql --chat
+    """
     adapter = adapter or []
     if sum(bool(mode) for mode in (prompt, prompts, chat)) != 1:
         raise QloraError("give exactly one of: a PROMPT argument, --prompts FILE, or --chat")
@@ -343,7 +370,12 @@ def merge(
     ] = None,
     adapters_dir: AdaptersDirOpt = None,
 ) -> None:
-    """Merge an adapter into its base: one standalone model, streamed shard by shard, verified."""
+    """Merge an adapter into its base: one standalone model, streamed shard by shard, verified.
+
+    Examples:
+      qlora merge --adapter sql --out merged/sql
+      qlora merge --adapter sql --out merged/sql --from original --dtype float16
+    """
     if source not in ("nf4", "original"):
         raise QloraError(f"--from {source!r}: use nf4 or original")
     from qlora_cli import merge as merge_stage
@@ -375,7 +407,9 @@ def evaluate(
     mix: Annotated[
         str | None, typer.Option("--mix", help="Also evaluate a weighted combination, e.g. sql=0.5,json=0.5.")
     ] = None,
-    max_rows: Annotated[int | None, typer.Option("--max-rows", min=1)] = None,
+    max_rows: Annotated[
+        int | None, typer.Option("--max-rows", min=1, help="Evaluate only the first N rows (a quick look).")
+    ] = None,
     sql: Annotated[
         bool,
         typer.Option(
@@ -391,7 +425,12 @@ def evaluate(
     ] = None,
     adapters_dir: AdaptersDirOpt = None,
 ) -> None:
-    """Loss, perplexity and exact match of the base and adapters, side by side."""
+    """Loss, perplexity and exact match of the base and adapters, side by side.
+
+    Examples:
+      qlora eval --data recipes/tiny/sql/test.jsonl --adapter none --adapter sql --sql
+      qlora eval --data test.jsonl --adapter sql --max-rows 50 --out eval.json
+    """
     adapter = adapter or []
     if not adapter and not mix:
         raise QloraError("name what to evaluate: --adapter none --adapter sql ... or --mix sql=0.5,json=0.5")
@@ -456,7 +495,12 @@ def recipes_copy(
     dest: Annotated[Path, typer.Argument(help="New recipe file (or a folder to copy into).")],
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
 ) -> None:
-    """Copy a shipped recipe to start your own."""
+    """Copy a shipped recipe to start your own.
+
+    Examples:
+      qlora recipes copy tiny-sql my.yaml
+      qlora recipes copy mistral7b-alpaca recipes/
+    """
     from qlora_cli.recipe import copy_recipe
 
     written = copy_recipe(name, dest, force=force)

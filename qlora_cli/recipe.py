@@ -568,7 +568,8 @@ def copy_recipe(name: str, dest: Path, *, force: bool = False) -> Path:
     text = _drop_keys(text, {"lora": "name", "train": "output_dir"})
     if shipped_name:
         text = text.replace(f"--adapter {shipped_name}`", f"--adapter {dest.stem}`")
-    lines = text.splitlines(keepends=True)
+    # The purpose line is written for `recipes list`, which lists shipped recipes only.
+    lines = [line for line in text.splitlines(keepends=True) if not line.startswith(PURPOSE_PREFIX)]
     note = (
         f"# Copied from the shipped recipe {source.stem}. Its adapter is named after this file ({dest.stem}):\n"
         f"# set lora.name and train.output_dir to choose others.\n"

@@ -26,11 +26,12 @@ def trained_adapter(home: Path, name: str = "sql", base_id: str = "org/base", fi
     adapters.write_metadata(
         folder,
         name=name,
+        recipe_file=str(home / f"{name}.yaml"),
         base={"id": base_id, "revision": None, "fingerprint": fingerprint, "architecture": "LlamaForCausalLM"},
         template="alpaca",
         task="reverse",
         lora={"r": 8, "alpha": 16.0, "target_modules": "all-linear"},
-        data={"path": "data/train.jsonl", "examples": 400},
+        data={"path": "data/train.jsonl", "examples": 400, "columns": {"instruction": "question"}},
         metrics={"train_loss": 0.25, "examples": 400, "peak_memory": "1.00 GiB RAM (peak RSS)"},
     )
     return folder

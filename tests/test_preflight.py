@@ -32,6 +32,7 @@ def test_copied_recipe_takes_its_names_from_its_own_file(tmp_path, run_cli):
     assert code == 0 and "its adapter: my-sql" in out
     text = dest.read_text()
     assert text.splitlines()[0] == f"# qlora train {dest}"
+    assert "# purpose:" not in text, "the purpose line is written for the shipped list"
     written = yaml.safe_load(text)
     assert "name" not in written["lora"] and "output_dir" not in written["train"]
     recipe = load_recipe(dest)

@@ -86,6 +86,7 @@ class RunMarker:
     replaces only folders that carry a marker."""
 
     adapter: str
+    recipe_file: str | None = None  # the recipe the run was started from: `train runs/NAME --resume` names it
     kind: ClassVar[str] = "run"
 
     @classmethod
@@ -97,10 +98,21 @@ class RunMarker:
             return None
         if not isinstance(record, dict) or record.get("kind") != cls.kind or not isinstance(record.get("adapter"), str):
             return None
-        return cls(adapter=record["adapter"])
+        recipe_file = record.get("recipe_file")
+        return cls(adapter=record["adapter"], recipe_file=recipe_file if isinstance(recipe_file, str) else None)
 
     def write(self, run_dir: Path) -> None:
-        (run_dir / MARKER).write_text(json.dumps({"kind": self.kind, "adapter": self.adapter}) + "\n")
+        record = {"kind": self.kind, "adapter": self.adapter, "recipe_file": self.recipe_file}
+        (run_dir / MARKER).write_text(json.dumps(record) + "\n")
+
+
+def original_recipe(recipe_file: Path | None) -> Path | None:
+    """The recipe file behind `recipe_file`: a run folder's recorded recipe.yaml stands for the file the run
+    was started from (its marker names it), so an adapter resumed from the run folder still names its recipe."""
+    if recipe_file is None or recipe_file.name != RECIPE:
+        return recipe_file
+    marker = RunMarker.load(recipe_file.parent)
+    return Path(marker.recipe_file) if marker is not None and marker.recipe_file else recipe_file
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,9 @@ def render(validated: Validated) -> str:
     else:
         lines.append(f"  model: hub id {model.id}; not checked offline (train --dry-run fetches its config)")
     if validated.targets is not None:
-        layers = len(model.linear_names or ())
+        targets = validated.recipe.lora.target_modules
+        names = model.linear_names or ()
+        layers = len(names) if not isinstance(targets, list) else len(names) - len(unmatched_layers(targets, names))
         lines.append(f"  targets: {', '.join(validated.targets)} ({layers} linear layers match)")
     else:
         lines.append(f"  targets: {_targets(recipe.lora)}: not checked without the model's config")
@@ -164,6 +166,11 @@ def unmatched_targets(targets: list[str], names: tuple[str, ...]) -> list[str]:
     """The listed targets that match no layer, as peft matches them: a module whose dotted name is the target
     or ends with '.' + the target."""
     return [target for target in targets if not any(n == target or n.endswith("." + target) for n in names)]
+
+
+def unmatched_layers(targets: list[str], names: tuple[str, ...]) -> list[str]:
+    """The layers no listed target adapts (peft's rule, as in unmatched_targets)."""
+    return [n for n in names if not any(n == target or n.endswith("." + target) for target in targets)]
 
 
 def check_targets(section: LoraSection, names: tuple[str, ...]) -> tuple[str, ...]:
@@ -252,9 +259,13 @@ def check_run_dir_free(run_dir: Path, recipe: Recipe, recipe_file: Path | None, 
     owner_file = owner_of(adapter)[1] if adapter.exists() else None
     folder = run_dir.parent / free_name(recipe, recipe_file, adapters_dir, runs=run_dir.parent)
     advice = f"to keep it, write this run elsewhere: --set train.output_dir={folder}"
-    if _same_file(owner_file, recipe_file):
-        advice += ", or pass --force to delete the old run and start again"
-    raise QloraError(
-        f"train.output_dir: {run_dir} already holds a finished run of adapter {run.marker.adapter!r}; {advice}",
-        exit_code=ExitCode.RUN_EXISTS,
-    )
+    if not run.finished:
+        # Stopped before its first checkpoint (a crash, or Ctrl-C early): nothing to resume, and no adapter.
+        held = f"a run of adapter {run.marker.adapter!r} that stopped before its first checkpoint"
+        if run.marker.adapter == recipe.lora.name:
+            advice += ", or pass --force to start it over (its logs are deleted)"
+    else:
+        held = f"a finished run of adapter {run.marker.adapter!r}"
+        if _same_file(owner_file, recipe_file):
+            advice += ", or pass --force to delete the old run and start again"
+    raise QloraError(f"train.output_dir: {run_dir} already holds {held}; {advice}", exit_code=ExitCode.RUN_EXISTS)

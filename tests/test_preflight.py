@@ -11,9 +11,9 @@ import pytest
 import yaml
 from helpers import REPO, TINY, write_jsonl, write_recipe
 
-from qlora_cli import preflight
+from qlora_cli import checkpoints, preflight
 from qlora_cli.errors import ExitCode, QloraError
-from qlora_cli.recipe import load_recipe
+from qlora_cli.recipe import find_recipe, load_recipe
 
 GOOD = {"instruction": "How many users?", "output": "SELECT COUNT(*) FROM users;"}
 
@@ -110,6 +110,29 @@ def test_finished_run_folder_of_another_adapter_is_refused_with_a_free_folder(tm
         f"train.output_dir: {run_dir} already holds a finished run of adapter 'sql'; "
         f"to keep it, write this run elsewhere: --set train.output_dir={tmp_path / 'runs' / 'mine'}"
     )
+    # Stopped before its first checkpoint (no metrics, no checkpoint): not finished; this adapter's own run
+    # may start over, since nothing in it can be resumed.
+    (run_dir / "metrics.json").unlink()
+    with pytest.raises(QloraError) as refused:
+        preflight.check_run_dir_free(run_dir, load_recipe(mine), mine, str(tmp_path / "adapters"))
+    assert str(refused.value) == (
+        f"train.output_dir: {run_dir} already holds a run of adapter 'sql' that stopped before its first "
+        f"checkpoint; to keep it, write this run elsewhere: --set train.output_dir={tmp_path / 'runs' / 'mine'}, "
+        "or pass --force to start it over (its logs are deleted)"
+    )
+
+
+def test_a_run_folders_recipe_stands_for_the_file_the_run_started_from(tmp_path):
+    recipe_file = write_recipe(tmp_path, "mine")
+    run_dir = tmp_path / "runs" / "mine"
+    run_dir.mkdir(parents=True)
+    checkpoints.RunMarker(adapter="mine", recipe_file=str(recipe_file)).write(run_dir)
+    (run_dir / checkpoints.RECIPE).write_text(load_recipe(recipe_file).to_yaml())
+    # `qlora train runs/mine --resume` finds the run's recipe; the adapter will name the user's file.
+    found = find_recipe(run_dir)
+    assert found == run_dir / checkpoints.RECIPE
+    assert checkpoints.original_recipe(found) == recipe_file
+    assert checkpoints.original_recipe(recipe_file) == recipe_file
 
 
 @pytest.mark.pipeline
@@ -122,6 +145,7 @@ def test_copied_recipe_trains_beside_the_demo_adapter_without_touching_it(
     monkeypatch.chdir(tmp_path)
     assert run_cli(["recipes", "copy", "tiny-sql", "my.yaml"])[0] == 0
     small = ["--set", "train.max_steps=1", "--set", "data.max_rows=16", "--set", "data.eval_path=null"]
+    small += ["--set", "train.eval_steps=null"]  # the demo's periodic eval needs the held-out rows
     code, _, err = run_cli(["train", "my.yaml", *small, "--adapters-dir", str(home)])
     assert code == 0, err
     assert sorted(path.name for path in home.iterdir()) == ["my", "sql"]
@@ -230,7 +254,7 @@ def test_validate_refuses_target_modules_that_match_nothing(tmp_path, run_cli):
     fine = write_recipe(tmp_path, "fine", lora={"name": "fine", "target_modules": ["q_proj", "self_attn.v_proj"]})
     code, out, err = validate(run_cli, fine)
     assert code == 0, err
-    assert "  targets: q_proj, v_proj (28 linear layers match)" in out
+    assert "  targets: q_proj, v_proj (8 linear layers match)" in out  # 4 layers x 2
 
 
 def test_validate_tells_a_hub_id_from_a_local_folder(tmp_path, run_cli):

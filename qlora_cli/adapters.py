@@ -241,12 +241,14 @@ def render_list(listing: Listing) -> Fitted | Text:
     for listed in listing.adapters:
         record = listed.record
         loss = record.metrics.get("train_loss")  # the loss at the end of training, not the run's average
+        # Adapters trained before train_loss_steps existed stored the run's average under train_loss.
+        average = "train_loss_steps" not in record.metrics
         table.add_row(
             Text(record.folder.name),
             Breakable(_short_source(record.base.id)),
             Text(str(record.lora.r or "?")),
             Breakable(_short_source(record.data.path)),
-            Text(f"{loss:.4g}" if isinstance(loss, (int, float)) else "-"),
+            Text(f"{loss:.4g}{' (avg)' if average else ''}" if isinstance(loss, (int, float)) else "-"),
             Text(_size(listed.size_bytes)),
             Text((record.created or "?")[:16].replace("T", " ")),  # to the minute; adapters show has the rest
         )

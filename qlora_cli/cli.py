@@ -71,9 +71,9 @@ VERBOSE_FLAGS = ("-v", "--verbose")
 
 def _show_version(asked: bool) -> None:
     if asked:
-        from importlib.metadata import version
+        from qlora_cli.adapters import library_versions
 
-        typer.echo(f"qlora {version('qlora-cli')}")
+        typer.echo(f"qlora {library_versions(('qlora-cli',))['qlora-cli']}")  # "not installed" in a bare checkout
         raise typer.Exit()
 
 

@@ -59,9 +59,8 @@ def rename_columns(rows: list[dict], columns: dict[str, str]) -> list[dict]:
 
 
 def read_rows(path: str, *, split: str = "train", max_rows: int | None = None) -> list[dict]:
-    """Rows from a local .jsonl/.json/.csv/.parquet file or a hub dataset split."""
-    from datasets import load_dataset
-
+    """Rows from a local .jsonl/.json/.csv/.parquet file or a hub dataset split. `datasets` (and pyarrow) load
+    only for csv, parquet and the hub: `qlora validate` of a JSONL recipe stays quick."""
     if is_local(path):
         suffix = Path(path).suffix.lower()
         if Path(path).is_dir():
@@ -77,8 +76,12 @@ def read_rows(path: str, *, split: str = "train", max_rows: int | None = None) -
         elif suffix == ".json":
             rows = _read_json(Path(path))
         else:
+            from datasets import load_dataset
+
             rows = load_dataset(suffix[1:], data_files=path, split="train").to_list()
     else:
+        from datasets import load_dataset
+
         try:
             rows = load_dataset(path, split=split).to_list()
         except Exception as error:  # offline, missing, gated or mistyped ids all land here

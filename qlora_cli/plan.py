@@ -100,7 +100,7 @@ def find_gpu(name: str) -> Gpu | None:
 
 
 def detect_gpu() -> tuple[str, float] | None:
-    """(name, memory in GiB) of the first GPU nvidia-smi lists; None without one. No torch: plan stays instant."""
+    """(name, memory in GB) of the first GPU nvidia-smi lists; None without one. No torch: plan stays instant."""
     if shutil.which("nvidia-smi") is None:
         return None
     try:
@@ -115,7 +115,7 @@ def detect_gpu() -> tuple[str, float] | None:
     first = listed.stdout.strip().splitlines()[0] if listed.returncode == 0 and listed.stdout.strip() else ""
     name, _, mib = first.rpartition(",")
     try:
-        return name.strip(), float(mib) / 1024
+        return name.strip(), float(mib) * 2**20 / GB
     except ValueError:
         return None
 
@@ -237,7 +237,7 @@ def spend_headroom(estimate_: Estimate, budget_bytes: float, recipe: Recipe) -> 
         options.append(("train", {"gradient_checkpointing": False}, "no recomputation: ~30% faster"))
     if train.activation_offloading:
         options.append(("train", {"activation_offloading": False}, "no CPU round trips"))
-    if train.grad_accum >= 2:
+    if train.grad_accum % 2 == 0:
         options.append(
             (
                 "train",
@@ -338,16 +338,16 @@ def choose_gpu(named: str | None) -> tuple[Gpu, float | None, str]:
         return gpu, gpu.memory_gb, f"{gpu.name} (--gpu)"
     found = detect_gpu()
     if found is None:
-        return DEFAULT_GPU, None, f"{DEFAULT_GPU.name} (no GPU here; name yours with --gpu, e.g. --gpu l4)"
-    name, memory_gib = found
+        return DEFAULT_GPU, None, f"{DEFAULT_GPU.name} (assumed: no GPU found here)"
+    name, memory_gb = found
     gpu = find_gpu(name)
     if gpu is None:
         return (
             DEFAULT_GPU,
-            memory_gib,
+            memory_gb,
             f"{name} (found; not in qlora's table, its speed assumed an {DEFAULT_GPU.name}'s)",
         )
-    return gpu, memory_gib, f"{name} (found on this machine)"
+    return gpu, memory_gb, f"{name} (found on this machine)"
 
 
 def run(

@@ -19,7 +19,8 @@ class RunTally(TrainerCallback):
     micro-step's share to `add` (their sum is the step's loss, as the trainer's own logging sums them).
     The tokens and seconds of this session: a resumed run restores the tokens seen before it, which
     were not trained in the time it measures. And the last step is always logged, so that the curve,
-    the report and the progress bar end where the run ended."""
+    the report and the progress bar end where the run ended. Under a multi-process launch the step loss
+    is the main process's own batch (no collective per step); the logged loss is the mean over all."""
 
     def __init__(self) -> None:
         self.step_loss: float | None = None

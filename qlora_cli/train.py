@@ -224,6 +224,7 @@ def run(
 ) -> Trained | None:
     """Train as the recipe says; None for a dry run, and on every rank but the main one of a launch.
     `source` is the recipe file, recorded in the adapter."""
+    source = checkpoints.original_recipe(source)
     adapter_dir = adapters.adapter_path(recipe.lora.name, adapters_dir)
     run_dir = Path(recipe.train.output_dir)
     # Under `accelerate launch` every rank runs this function; only the main one writes files.
@@ -257,7 +258,7 @@ def run(
     model = attach_lora(model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing)
     if ranks.is_main_process:
         if resume_from is None:
-            _start_run_dir(run_dir, recipe, force=force)
+            _start_run_dir(run_dir, recipe, force=force, source=source)
         checkpoints.discard_staging(run_dir)  # a save cut off by a crash: never visible, now gone
     ranks.wait_for_everyone()
     datasets.disable_progress_bars()  # the trainer's packing pass is quick; our own tokenizing bar was shown
@@ -286,7 +287,7 @@ def run(
         saved = checkpoints.latest_checkpoint(run_dir)
         raise QloraError(
             f"stopped by {signal.Signals(stopper.signum).name} at step {trainer.state.global_step}; checkpoint {saved}. "
-            f"Continue with: {resume_command(run_dir, adapters_dir)}",
+            f"Continue with: {resume_command(run_dir, adapters_dir, processes=ranks.num_processes)}",
             exit_code=ExitCode(128 + stopper.signum),  # the shell's convention for a signal: 130 SIGINT, 143 SIGTERM
         )
     state = trainer.state
@@ -355,10 +356,14 @@ def final_eval_loss(trainer: SFTTrainer) -> float:
     return logged[-1] if logged else trainer.evaluate()["eval_loss"]
 
 
-def resume_command(run_dir: Path, adapters_dir: str | None) -> str:
-    """The exact command that continues a run: the run folder holds the recipe as resolved, --set flags included."""
+def resume_command(run_dir: Path, adapters_dir: str | None, processes: int = 1) -> str:
+    """The exact command that continues a run: the run folder holds the recipe as resolved, --set flags included.
+    A launched run resumes under the same launch: one process would change the effective batch."""
     home = f" --adapters-dir {shlex.quote(adapters_dir)}" if adapters_dir else ""
-    return f"qlora train {shlex.quote(str(run_dir))} --resume{home}"
+    command = f"train {shlex.quote(str(run_dir))} --resume{home}"
+    if processes > 1:
+        return f"accelerate launch (as before, {processes} processes) -m qlora_cli {command}"
+    return f"qlora {command}"
 
 
 def check_sharding(recipe: Recipe) -> None:
@@ -457,12 +462,13 @@ def export_adapter(
         ).write()
 
 
-def _start_run_dir(run_dir: Path, recipe: Recipe, *, force: bool) -> None:
+def _start_run_dir(run_dir: Path, recipe: Recipe, *, force: bool, source: Path | None = None) -> None:
     refuse_dangerous_output(run_dir, "train.output_dir")
     if run_dir.exists() and force:
         shutil.rmtree(run_dir)  # check_new_output allowed this only because qlora made it
     run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints.RunMarker(adapter=recipe.lora.name).write(run_dir)
+    recipe_file = str(source.resolve()) if source else None
+    checkpoints.RunMarker(adapter=recipe.lora.name, recipe_file=recipe_file).write(run_dir)
     (run_dir / checkpoints.RECIPE).write_text(recipe.to_yaml())
 
 
@@ -544,8 +550,8 @@ def _epoch_time(recipe: Recipe, config: dict, epoch: EpochSize) -> str:
     gpu, _, chosen = plan.choose_gpu(None)
     seconds = epoch.tokens / plan.assumed_throughput(config, recipe, gpu)
     return (
-        f"time per epoch: ~{plan.duration(seconds)} on {chosen}, by assumed throughput; "
-        f"`qlora plan` with --dataset-tokens {epoch.tokens} --gpu NAME times it for another card"
+        f"time per epoch on a GPU: ~{plan.duration(seconds)} on {chosen}, by assumed throughput; "
+        f"`qlora plan` with --dataset-tokens {epoch.tokens} --gpu NAME times it for your card"
     )
 
 

@@ -132,6 +132,7 @@ def test_adapters_list_fits_80_columns_without_cutting_names_or_dates(tmp_path):
         str(TINY / "sql" / "train.jsonl"),
         "2025-06-01T12:34:56+00:00",
         train_loss=0.0213,
+        train_loss_steps=[281, 282],
     )
     write_adapter(
         home,
@@ -140,10 +141,17 @@ def test_adapters_list_fits_80_columns_without_cutting_names_or_dates(tmp_path):
         "vicgalle/alpaca-gpt4",
         "2025-06-02T08:00:00+00:00",
         train_loss=1.234,
-        train_loss_average=1.9,
+        train_loss_steps=[91, 100],
+        mean_train_loss=1.9,
     )
+    # Trained before final losses were recorded: its train_loss is the run's average, and says so.
     write_adapter(
-        home, "qwen-sql", "Qwen/Qwen2.5-14B-Instruct", "b-mc2/sql-create-context", "2025-06-03T09:10:00+00:00"
+        home,
+        "qwen-sql",
+        "Qwen/Qwen2.5-14B-Instruct",
+        "b-mc2/sql-create-context",
+        "2025-06-03T09:10:00+00:00",
+        train_loss=2.5,
     )
     text = rendered(render_list(run_list(home)))
     assert_fits(text)
@@ -151,6 +159,7 @@ def test_adapters_list_fits_80_columns_without_cutting_names_or_dates(tmp_path):
     assert {"sql", "mistral7b-alpaca", "qwen-sql", "2025-06-01", "2025-06-02", "2025-06-03"} <= set(words)
     assert {"tiny/base", "0.0213", "1.234", "2.9"} <= set(words)  # the final loss, not the average
     assert "1.9" not in words
+    assert {"2.5", "(avg)"} <= set(words)
     assert {"sql/", "train.jsonl", "mistralai/", "Mistral-", "7B-", "Instruct-", "v0.2"} <= set(
         words
     )  # wrapped after / or -

@@ -142,42 +142,6 @@ def row_problem(row: object) -> str | None:
     return None
 
 
-def check_rows(rows: list[dict], source: str, fix: str = "") -> None:
-    """Stop at the first row that cannot train, naming it (and the fix, when the caller has one)."""
-    for number, row in enumerate(rows, start=1):
-        problem = row_problem(row)
-        if problem:
-            raise QloraError(f"{source}: row {number}: {problem}{fix}")
-
-
-def valid_rows(rows: list[dict], source: str, invalid_rows: str) -> list[dict]:
-    """data.invalid_rows: 'fail' stops at the first bad row; 'drop' skips every bad row and says how many."""
-    if invalid_rows == "fail":
-        check_rows(rows, source, fix="; fix the row, or set data.invalid_rows: drop to skip such rows")
-        return rows
-    kept, first_bad = [], None
-    for number, row in enumerate(rows, start=1):
-        problem = row_problem(row)
-        if problem is None:
-            kept.append(row)
-        elif first_bad is None:
-            first_bad = f"row {number}: {problem}"
-    if first_bad is None:
-        return rows
-    if not kept:
-        raise QloraError(
-            f"{source}: none of its {len(rows)} rows can train (first: {first_bad}); check data.path and data.columns"
-        )
-    log.warning(
-        "data.invalid_rows: dropping %d of %d rows of %s (first: %s)",
-        len(rows) - len(kept),
-        len(rows),
-        source,
-        first_bad,
-    )
-    return kept
-
-
 class RowSource(Protocol):
     """What check_data reads: a DataSection, or any object with these fields (RowFile for a file read alone)."""
 
@@ -198,10 +162,10 @@ class RowFile:
     """A RowSource for data read on its own: a recipe's eval_path, or `qlora eval --data`."""
 
     path: str
-    split: str = "train"
+    split: str = DataSection.model_fields["split"].default
     columns: Mapping[str, str] = field(default_factory=dict)
     max_rows: int | None = None
-    invalid_rows: str = "fail"
+    invalid_rows: str = DataSection.model_fields["invalid_rows"].default
 
 
 @dataclass(frozen=True)

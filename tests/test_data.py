@@ -4,7 +4,7 @@ import pytest
 from helpers import write_jsonl, write_recipe
 from transformers import AutoTokenizer
 
-from qlora_cli.data import IGNORE_INDEX, build_dataset, check_rows, hold_out, read_rows, tokenize_example
+from qlora_cli.data import IGNORE_INDEX, RowFile, build_dataset, check_data, hold_out, read_rows, tokenize_example
 from qlora_cli.errors import QloraError
 from qlora_cli.model import load_tokenizer, resolve_model_dir
 from qlora_cli.prompts import render_example
@@ -49,7 +49,7 @@ def test_empty_dataset_is_an_error(tmp_path):
 def test_missing_field_names_the_row(tmp_path):
     rows = [{"instruction": "a", "output": "b"}, {"instruction": "a", "output": "c"}, {"instruction": "a"}]
     with pytest.raises(QloraError, match="row 3: missing or empty field"):
-        check_rows(rows, "d.jsonl")
+        check_data(RowFile(str(write_jsonl(tmp_path / "d.jsonl", rows))))
 
 
 def test_other_file_formats_read_the_same_rows(tmp_path):

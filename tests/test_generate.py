@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 import signal
+import threading
 
 import pytest
 import torch
@@ -100,6 +101,7 @@ def test_ctrl_c_during_an_answer_ends_the_chat_cleanly(run_cli, monkeypatch):
     from qlora_cli import generate
 
     real_load_model = generate.load_model
+    chat_left = threading.Event()
 
     def load_model_interrupted_at_the_second_token(*args, **kwargs):
         model = real_load_model(*args, **kwargs)
@@ -109,12 +111,18 @@ def test_ctrl_c_during_an_answer_ends_the_chat_cleanly(run_cli, monkeypatch):
             calls.append(1)
             if len(calls) == 2:  # from the generation thread; the signal lands in the main thread, as at a terminal
                 os.kill(os.getpid(), signal.SIGINT)
+                # The answer stays unfinished until the chat has left: on a loaded machine it could otherwise
+                # end first, and the interrupt would land at the next prompt instead of during the answer.
+                chat_left.wait(timeout=300)
 
         model.register_forward_hook(press_ctrl_c)
         return model
 
     monkeypatch.setattr(generate, "load_model", load_model_interrupted_at_the_second_token)
-    code, out, err = chat(run_cli, monkeypatch, Typed("List all users.\nList all books.\n"))
+    try:
+        code, out, err = chat(run_cli, monkeypatch, Typed("List all users.\nList all books.\n"))
+    finally:
+        chat_left.set()
     assert (code, "Traceback" in err) == (0, False), err
     assert out.count("you: ") == 1
 

@@ -74,7 +74,8 @@ def test_export_is_a_complete_self_describing_adapter(tmp_path, tiny_base):
     exported = {path.name: path.read_bytes() for path in adapter.iterdir()}
     # Called without the recipe's file, the owner is unknown: a free name is offered, never --force.
     with pytest.raises(
-        QloraError, match=r"already exists \(trained on .*; give this one another name: --set lora.name=tiny-2$"
+        QloraError,
+        match=r"already exists \(trained on .*; to keep it, give this one another name: --set lora.name=tiny-2$",
     ):
         train.run(recipe, adapters_dir=str(home))
     assert {path.name: path.read_bytes() for path in adapter.iterdir()} == exported  # the refusal touched nothing

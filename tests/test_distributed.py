@@ -49,6 +49,7 @@ def test_two_cpu_processes_train_one_adapter_and_log_the_mean_loss(tmp_path, tin
     written = sorted(path.name for path in run_dir.iterdir())
     assert written == [
         "checkpoint-4",
+        "log_history.json",
         "loss.png",
         "metrics.json",
         "qlora.json",

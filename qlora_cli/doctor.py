@@ -131,17 +131,10 @@ def disk_check(recipe: Recipe, *, hub_reachable: bool) -> Check:
 
 def cached_config(model_id: str, revision: str | None) -> dict | None:
     """The model's config.json from the local Hugging Face cache, without a network request; None if absent."""
-    import json
+    from qlora_cli.plan import cached_config_path, read_config
 
-    from huggingface_hub import try_to_load_from_cache
-
-    path = try_to_load_from_cache(model_id, "config.json", revision=revision)
-    if not isinstance(path, str):  # None (never fetched) or _CACHED_NO_EXIST (fetched: the repo has no such file)
-        return None
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise QloraError(f"model.id: cannot read the cached {path}: {error}; fetch it again") from None
+    path = cached_config_path(model_id, revision)
+    return None if path is None else read_config(path)
 
 
 def hub_endpoint() -> str:

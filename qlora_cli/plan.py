@@ -318,14 +318,29 @@ def load_config(recipe: Recipe) -> tuple[dict, str]:
                 f"model.id: cannot get config.json for {model_id!r} from the hub ({reason}) and it is not in the local cache; "
                 f"fetch it once with `hf download {model_id} config.json`, or set model.id to a local folder that holds config.json"
             ) from None
+    config = read_config(path)
+    log.info("model config from %s", path)
+    return config, str(path)
+
+
+def cached_config_path(model_id: str, revision: str | None) -> Path | None:
+    """Where the local Hugging Face cache holds the model's config.json, without a network request; None if not."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model_id, "config.json", revision=revision)
+    # None: never fetched; _CACHED_NO_EXIST: fetched, and the repo has no such file.
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def read_config(path: Path) -> dict:
+    """A model's config.json as a dict; one error naming the file when it is not one."""
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise QloraError(f"model.id: cannot read {path}: {error}") from None
     if not isinstance(config, dict):
         raise QloraError(f"model.id: {path} is not a JSON object")
-    log.info("model config from %s", path)
-    return config, str(path)
+    return config
 
 
 def choose_gpu(named: str | None) -> tuple[Gpu, float | None, str]:

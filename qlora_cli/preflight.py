@@ -8,7 +8,6 @@ is known (memory.LINEAR_NAMES); any other architecture is built empty, on the me
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from qlora_cli.data import CheckedSection, inspect_section
 from qlora_cli.errors import ExitCode, QloraError
 from qlora_cli.files import check_new_output
 from qlora_cli.memory import LINEAR_NAMES, MOE_KEYS, text_config
+from qlora_cli.plan import cached_config_path, read_config
 from qlora_cli.recipe import ADAPTER_NAME, RESERVED_ADAPTER_NAMES, LoraSection, Recipe, is_local
 
 # Model types laid out as model.layers.N.self_attn.{q,k,v,o}_proj and model.layers.N.mlp.{gate,up,down}_proj.
@@ -118,18 +118,10 @@ def check_model(recipe: Recipe) -> ModelCheck:
     if local:
         config_path: Path | None = Path(section.id) / "config.json"  # load_recipe checked it is there
     else:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(section.id, "config.json", revision=section.revision)
-        config_path = Path(cached) if isinstance(cached, str) else None
+        config_path = cached_config_path(section.id, section.revision)
     if config_path is None or not config_path.is_file():
         return ModelCheck(section.id, local, None, None, None)
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise QloraError(f"model.id: cannot read {config_path}: {error}") from None
-    if not isinstance(config, dict):
-        raise QloraError(f"model.id: {config_path} is not a JSON object")
+    config = read_config(config_path)
     architecture = (config.get("architectures") or [None])[0]
     return ModelCheck(section.id, local, str(config_path), architecture, linear_names(config, recipe, config_path))
 

@@ -117,15 +117,11 @@ run_attempt() {
   # A signal that came before $child was set found nothing to forward (the child may already have been
   # running: on a busy machine it can start before this line does); forward it now.
   if [ -n "$stop_signal" ]; then kill -TERM "$child" 2>/dev/null || true; fi
-  # bash runs a trap between commands: a signal that lands just as `wait "$child"` starts to block can stay
-  # pending until the child exits, and a child that has not yet taken over SIGINT waits for the forwarded
-  # SIGTERM: both wait for ever. Waiting in short slices runs a pending trap within a fraction of a second;
-  # the slices also go on while qlora saves after a signal.
-  while kill -0 "$child" 2>/dev/null; do
-    sleep 0.2 &
-    wait $! 2>/dev/null || true
+  while :; do
+    if wait "$child"; then rc=0; else rc=$?; fi
+    # wait returns early (>128) when a trapped signal arrives; keep waiting while qlora saves.
+    kill -0 "$child" 2>/dev/null || break
   done
-  if wait "$child"; then rc=0; else rc=$?; fi
   child=
 }
 

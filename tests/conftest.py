@@ -9,6 +9,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -24,6 +25,11 @@ import qlora_cli  # noqa: E402,F401  (sets OMP_WAIT_POLICY before torch loads)
 pytest_plugins = ["real_tokenizers"]
 
 from helpers import QLORA, REPO, TINY  # noqa: E402
+
+# Started from a background job (nohup, `cmd &`, some CI runners), the suite inherits SIGINT ignored, and an
+# ignored signal stays ignored in every process it starts: qlora, the wrapper scripts and the chat would never
+# see the Ctrl-C their tests send. Ctrl-C behaves here as at a terminal.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 TRAINING = pytest.StashKey[tuple[Path, dict[str, subprocess.Popen]]]()
 

@@ -490,6 +490,7 @@ class EpochSize:
         if train.packing:
             from trl.data_utils import pack_dataset
 
+            datasets.disable_progress_bars()  # a quick pass; the tokenizing bar was shown
             rows = len(pack_dataset(data.select_columns(["input_ids"]), recipe.data.max_length, strategy="bfd"))
         micro_batches = math.ceil(math.ceil(rows / processes) / train.batch_size)
         steps = max(math.ceil(micro_batches / train.grad_accum), 1)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from qlora_cli.errors import QloraError
 from qlora_cli.prompts import render_example
-from qlora_cli.recipe import DATA_SUFFIXES, DataSection, TrainSection, is_local
+from qlora_cli.recipe import DataSection, TrainSection, data_file_problem, is_local
 
 if TYPE_CHECKING:  # datasets and transformers load in seconds; `qlora validate` checks data without them
     from datasets import Dataset
@@ -62,15 +62,10 @@ def read_rows(path: str, *, split: str = "train", max_rows: int | None = None) -
     """Rows from a local .jsonl/.json/.csv/.parquet file or a hub dataset split. `datasets` (and pyarrow) load
     only for csv, parquet and the hub: `qlora validate` of a JSONL recipe stays quick."""
     if is_local(path):
+        problem = data_file_problem(path, "data.path")
+        if problem:
+            raise QloraError(problem)
         suffix = Path(path).suffix.lower()
-        if Path(path).is_dir():
-            raise QloraError(f"data.path: {path} is a folder; name a {', '.join(DATA_SUFFIXES)} file in it")
-        if suffix not in DATA_SUFFIXES:
-            raise QloraError(
-                f"data.path: {path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet"
-            )
-        if not Path(path).is_file():
-            raise QloraError(f"data.path: file not found: {path}")
         if suffix == ".jsonl":
             rows = read_jsonl(Path(path))
         elif suffix == ".json":

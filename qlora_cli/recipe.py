@@ -361,16 +361,23 @@ def _resolve_paths(data: dict, base: Path) -> list[str]:
         node[key] = resolved
         if not is_local(resolved):
             continue
-        suffix = Path(resolved).suffix.lower()
         if section == "model" and not (Path(resolved) / "config.json").is_file():
             problems.append(f"model.id: {resolved} has no config.json; is it a transformers model folder?")
-        elif section == "data" and Path(resolved).is_dir():
-            problems.append(f"{section}.{key}: {resolved} is a folder; name a {', '.join(DATA_SUFFIXES)} file in it")
-        elif section == "data" and suffix not in DATA_SUFFIXES:
-            problems.append(
-                f"{section}.{key}: {resolved}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet"
-            )
+        elif section == "data" and (problem := data_file_problem(resolved, f"{section}.{key}")):
+            problems.append(problem)
     return problems
+
+
+def data_file_problem(path: str, key: str) -> str | None:
+    """Why the local data file at `path` (named by recipe key `key`) cannot be read; None when it can."""
+    file = Path(path)
+    if file.is_dir():
+        return f"{key}: {path} is a folder; name a {', '.join(DATA_SUFFIXES)} file in it"
+    if file.suffix.lower() not in DATA_SUFFIXES:
+        return f"{key}: {path}: unsupported file type {file.suffix.lower()!r}; use .jsonl, .json, .csv or .parquet"
+    if not file.is_file():
+        return f"{key}: file not found: {path}"
+    return None
 
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # what data.read_rows reads

@@ -276,11 +276,16 @@ def _inspect(source: RowSource) -> tuple[CheckedData | None, list[str]]:
     fix = "fix the row, or set data.invalid_rows: drop to skip such rows"
     if len(bad) == 1:
         return checked, [f"{source.path}: {bad[0]}; {fix}"]
-    listed = "\n".join(f"    {row}" for row in bad[:SHOWN_ROWS])
-    more = f"\n    ... and {len(bad) - SHOWN_ROWS} more" if len(bad) > SHOWN_ROWS else ""
     return checked, [
-        f"{source.path}: {len(bad)} of {len(rows)} rows cannot train; {fix.replace('the row', 'them')}:\n{listed}{more}"
+        f"{source.path}: {len(bad)} of {len(rows)} rows cannot train; {fix.replace('the row', 'them')}:"
+        + listed_rows(bad)
     ]
+
+
+def listed_rows(bad: tuple[BadRow, ...] | list[BadRow]) -> str:
+    """The first SHOWN_ROWS bad rows, one indented line each, and how many more there are."""
+    listed = "".join(f"\n    {row}" for row in bad[:SHOWN_ROWS])
+    return listed + (f"\n    ... and {len(bad) - SHOWN_ROWS} more" if len(bad) > SHOWN_ROWS else "")
 
 
 def column_problems(path: str, columns: tuple[str, ...], mapping: Mapping[str, str]) -> list[str]:

@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from qlora_cli.adapters import AdapterRecord
-from qlora_cli.data import IGNORE_INDEX, SHOWN_ROWS, RowFile, check_data, tokenize_example
+from qlora_cli.data import IGNORE_INDEX, RowFile, check_data, listed_rows, tokenize_example
 from qlora_cli.errors import QloraError
 from qlora_cli.files import prepare_output_file
 from qlora_cli.generate import BASE, MIX, Sampling, Session, load_records, open_session, parse_mix
@@ -262,11 +262,9 @@ def _checked_rows(data_path: str, columns: dict[str, str], owner: str | None, ma
     except QloraError as error:
         raise QloraError(f"--data: {str(error).removeprefix('data.path: ')}{how}") from None
     if checked.bad:
-        listed = "".join(f"\n    {row}" for row in checked.bad[:SHOWN_ROWS])
-        more = f"\n    ... and {len(checked.bad) - SHOWN_ROWS} more" if len(checked.bad) > SHOWN_ROWS else ""
         raise QloraError(
             f"--data: {data_path}: {len(checked.bad)} of {checked.total} rows cannot be scored{how}; "
-            f"fix them or remove them:{listed}{more}"
+            f"fix them or remove them:{listed_rows(checked.bad)}"
         )
     return list(checked.rows)
 

@@ -101,12 +101,17 @@ def _read_text(path: Path) -> str:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    return [row for _, row in numbered_jsonl(path)]
+
+
+def numbered_jsonl(path: Path) -> list[tuple[int, object]]:
+    """(line number, value) of each non-blank line: the number an editor shows, for messages about a row."""
     rows = []
     for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append((number, json.loads(line)))
         except json.JSONDecodeError as error:
             raise QloraError(f"{path}: line {number}: malformed JSON: {error.msg} (column {error.colno})") from None
     return rows

@@ -372,18 +372,14 @@ ANSWER_FIELD = "answer"
 def read_prompts(path: Path) -> list[dict]:
     """Prompt rows for batch mode: {"instruction", "input"?, "adapter"?} per JSONL line (a bare string is an
     instruction). Checked whole before any model loads."""
-    from qlora_cli.data import read_jsonl
+    from qlora_cli.data import numbered_jsonl
 
     if not path.is_file():
         raise QloraError(f"--prompts {path}: no such file")
-    rows = read_jsonl(path)
-    # read_jsonl skips blank lines: number each row by its line in the file, as an editor shows it
-    lines = [
-        number for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1) if line.strip()
-    ]
-    for index, (number, row) in enumerate(zip(lines, rows)):
+    rows = []
+    for number, row in numbered_jsonl(path):
         if isinstance(row, str):
-            rows[index] = row = {"instruction": row}
+            row = {"instruction": row}
         if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
             raise QloraError(f'{path}: line {number}: expected {{"instruction": ..., "input": ...}}')
         if ANSWER_FIELD in row:
@@ -391,4 +387,5 @@ def read_prompts(path: Path) -> list[dict]:
                 f'{path}: line {number}: the row already has an "{ANSWER_FIELD}" field, where generate writes its '
                 f"answer; rename that field (every other field is kept as it is)"
             )
+        rows.append(row)
     return rows

@@ -43,8 +43,19 @@ SYNONYMS = {
     "max_seq_length": "max_length",
     "dataset": "path",
     "save_total_limit": "save_limit",
-    "format": "template",
+    "chat_template": "template",
+    "system_prompt": "system",
+    "assistant_only_loss": "train_on",
+    "completion_only_loss": "train_on",
 }
+DATA_FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
+# data.template: a named way to render rows, or a Jinja file (ends in TEMPLATE_SUFFIX) beside the recipe.
+TEMPLATE_NAMES = ("alpaca", "chat", "none")
+TEMPLATE_SUFFIX = ".jinja"
+# Columns data.columns can map: the alpaca fields and each format's own.
+MAPPABLE_COLUMNS = Literal[
+    "instruction", "input", "output", "messages", "conversations", "prompt", "completion", "text", "system", "tools"
+]
 
 
 class Section(BaseModel):
@@ -149,11 +160,31 @@ class DataSection(Section):
         description="Hub dataset id, or a local .jsonl/.json/.csv/.parquet file (relative to the recipe)."
     )
     split: str = Field("train", description="Split to train on, for hub datasets.")
-    columns: dict[Literal["instruction", "input", "output"], str] = Field(
-        {}, description="Dataset columns that hold the alpaca fields, e.g. {instruction: question, output: answer}."
+    format: Literal["alpaca", "messages", "sharegpt", "prompt_completion", "text"] | None = Field(
+        None,
+        description="Row format: alpaca (instruction/input/output), messages (OpenAI chat), sharegpt (conversations "
+        "with from/value), prompt_completion, or text (loss on every token). Unset: detected from the rows.",
     )
-    template: Literal["alpaca"] = Field(
-        "alpaca", description="Prompt template; the adapter records it and generation reuses it."
+    columns: dict[MAPPABLE_COLUMNS, str] = Field(
+        {},
+        description="Dataset columns that hold a format's fields, e.g. {instruction: question, output: answer} "
+        "or {messages: dialog}.",
+    )
+    template: str | None = Field(
+        None,
+        description="How rows become text: alpaca, chat (the tokenizer's own chat_template), none (text as is), "
+        "or a .jinja file beside the recipe. Unset: alpaca for alpaca rows, chat for conversations, none for "
+        "prompt_completion and text. The adapter records the template text and generation reuses it.",
+    )
+    system: str | None = Field(
+        None,
+        description="System prompt given to every conversation that has none; the adapter records it and "
+        "generation uses it too. Needs a chat or Jinja template.",
+    )
+    train_on: Literal["assistant", "last", "all"] = Field(
+        "assistant",
+        description="Tokens the loss learns: every assistant turn (each with its end-of-turn token), the last "
+        "assistant turn only, or all tokens.",
     )
     task: Literal["forward", "reverse"] = Field(
         "forward",
@@ -173,6 +204,40 @@ class DataSection(Section):
         "fail",
         description="Rows with an empty or missing field: stop naming the first (fail), or skip them all and say how many (drop).",
     )
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, template: str | None) -> str | None:
+        if template is None or template in TEMPLATE_NAMES or template.endswith(TEMPLATE_SUFFIX):
+            return template
+        close = difflib.get_close_matches(template, TEMPLATE_NAMES, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(
+            f"{template!r} is not a template: {hint}use one of {', '.join(TEMPLATE_NAMES)}, or a {TEMPLATE_SUFFIX} file"
+        )
+
+    @model_validator(mode="after")
+    def _system_needs_chat(self) -> DataSection:
+        if self.system is not None and self.template in ("alpaca", "none"):
+            raise ValueError(
+                f"system needs a chat template; template {self.template!r} has no place for a system prompt "
+                "(set data.template: chat, or a .jinja file)"
+            )
+        if (
+            self.template in ("chat", "alpaca")
+            and self.format == "text"
+            or (self.template is not None and self.template.endswith(TEMPLATE_SUFFIX) and self.format == "text")
+        ):
+            raise ValueError(
+                f"format: text is trained as it is; template {self.template!r} has nothing to render (remove it)"
+            )
+        return self
+
+    def template_for(self, data_format: str) -> str:
+        """The template rows of `data_format` are rendered with: data.template, else the format's own."""
+        if self.template is not None:
+            return self.template
+        return {"alpaca": "alpaca", "messages": "chat", "sharegpt": "chat"}.get(data_format, "none")
 
 
 class TrainSection(Section):
@@ -365,6 +430,14 @@ def _resolve_paths(data: dict, base: Path) -> list[str]:
             problems.append(f"model.id: {resolved} has no config.json; is it a transformers model folder?")
         elif section == "data" and (problem := data_file_problem(resolved, f"{section}.{key}")):
             problems.append(problem)
+    node = data.get("data")
+    template = node.get("template") if isinstance(node, dict) else None
+    if isinstance(template, str) and template.endswith(TEMPLATE_SUFFIX):
+        found = next((c for c in (base / template, Path(template).expanduser()) if c.is_file()), None)
+        if found is None:
+            problems.append(f"data.template: file not found: {template}")
+        else:
+            node["template"] = str(found.resolve())
     return problems
 
 
@@ -567,7 +640,7 @@ def copy_recipe(name: str, dest: Path, *, force: bool = False) -> Path:
         )
     text = source.read_text()
     data = yaml.safe_load(text)
-    for section, key in (("model", "id"), ("data", "path"), ("data", "eval_path")):
+    for section, key in (("model", "id"), ("data", "path"), ("data", "eval_path"), ("data", "template")):
         value = (data.get(section) or {}).get(key)
         if isinstance(value, str) and (SHIPPED_RECIPES / value).exists():
             text = text.replace(f"{key}: {value}", f"{key}: {(SHIPPED_RECIPES / value).resolve()}", 1)

@@ -30,6 +30,16 @@ IMPLIED_SPACE = r"(?<=\w) (?=\w)"
 TOKEN_PATTERN = r"\w+|\s+|[^\w\s]"
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"  # Mistral's special tokens and ids 0, 1, 2
 TOKENIZER_MAX_LENGTH = 256  # the tiny demo base's context
+# ChatML's turn markers (ids 3 and 4 with `chat`): control tokens in the vocabulary from the start, so the
+# pretrained base has embeddings for them and generation can stop at IM_END.
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# ChatML, as Qwen writes it, behind the base's BOS: every message is one framed turn, and the generation
+# prompt opens the assistant's.
+CHATML_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def _pre_tokenizer():
@@ -58,40 +68,51 @@ def _decoder():
     )
 
 
-def build_tokenizer(texts: list[str], vocab_size: int | None = None):
+def build_tokenizer(texts: list[str], vocab_size: int | None = None, chat: bool = False):
     """Word-level tokenizer whose vocabulary is every token of `texts` plus printable ASCII.
 
     With `vocab_size`, exactly that many tokens: the tokens of `texts` first, then single characters,
-    then fillers (`w0`, `w1`, ...), so that a random base of that vocabulary reads those texts as real ids."""
-    from tokenizers import Tokenizer, models, processors
+    then fillers (`w0`, `w1`, ...), so that a random base of that vocabulary reads those texts as real ids.
+    With `chat`, IM_START and IM_END are special tokens (ids 3 and 4) and the chat template is CHATML_TEMPLATE;
+    its role names are words of the vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, models, processors
     from transformers import PreTrainedTokenizerFast
 
     pre_tokenizer = _pre_tokenizer()
     pieces = {piece for text in texts for piece, _ in pre_tokenizer.pre_tokenize_str(text)}
+    markers = [IM_START, IM_END] if chat else []
+    if chat:
+        pieces = (pieces - set(markers)) | {"system", "user", "assistant"}
     # Single characters keep unforeseen punctuation and digits out of <unk>.
     characters = {*string.printable.strip(), " ", "\n"}
     if vocab_size is None:
-        tokens = [UNK, BOS, EOS, *sorted(pieces | characters)]
+        tokens = [UNK, BOS, EOS, *markers, *sorted(pieces | characters)]
     else:
-        tokens = [UNK, BOS, EOS, *sorted(pieces), *sorted(characters - pieces)]
+        tokens = [UNK, BOS, EOS, *markers, *sorted(pieces), *sorted(characters - pieces)]
         fillers = (f"w{number}" for number in range(vocab_size))
         tokens = (tokens + [filler for filler in fillers if filler not in pieces])[:vocab_size]
     vocab = {token: index for index, token in enumerate(tokens)}
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizer
     core.decoder = _decoder()
+    # Matched before pre-tokenization, so "<|im_end|>" is one id rather than five punctuation tokens.
+    core.add_special_tokens([AddedToken(marker, special=True, normalized=False) for marker in markers])
     # BOS in front like Mistral; no EOS, since SFT appends it to completions itself.
     core.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
     )
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token=BOS,
         eos_token=EOS,
         unk_token=UNK,
         model_max_length=TOKENIZER_MAX_LENGTH,
         clean_up_tokenization_spaces=False,
+        **({"extra_special_tokens": markers} if chat else {}),
     )
+    if chat:
+        tokenizer.chat_template = CHATML_TEMPLATE  # save_pretrained writes it to chat_template.jinja
+    return tokenizer
 
 
 # A Mistral-shaped model small enough to train in minutes on two CPU cores (base_config keywords); widths

@@ -8,6 +8,7 @@ template, metrics and library versions. `generate`, `eval` and `merge` need noth
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -24,11 +25,16 @@ from rich.text import Text
 
 from qlora_cli.errors import QloraError
 from qlora_cli.files import MARKER
-from qlora_cli.prompts import DEFAULT_TASK, DEFAULT_TEMPLATE
+from qlora_cli.prompts import DEFAULT_TASK, DEFAULT_TEMPLATE, Style
 from qlora_cli.recipe import ADAPTER_NAME, ModelSection
 from qlora_cli.tables import Breakable, Fitted
 
 HOME_ENV = "QLORA_ADAPTERS_DIR"
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
 DEFAULT_HOME = "adapters"  # relative to the working directory, like the runs/ folder beside it
 VERSIONED = ("qlora-cli", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate")
 
@@ -70,7 +76,13 @@ class AdapterRecord(_Record):
     name: str
     recipe_file: str | None = None  # the recipe file it was trained from, so a name collision can name its owner
     base: BaseRecord = BaseRecord()
-    template: Literal["alpaca"] = DEFAULT_TEMPLATE
+    template: str = DEFAULT_TEMPLATE  # alpaca, none, chat or a Jinja file's name
+    # For chat and Jinja templates: the exact text trained with, so a later tokenizer cannot change the prompts.
+    template_text: str | None = None
+    template_sha256: str | None = None
+    system: str | None = None  # data.system: generation gives it to conversations that have none
+    end_of_turn: list[str] = []  # the tokens a reply ends with; generation stops at each
+    format: str | None = None  # the training rows' data.format
     task: Literal["forward", "reverse"] = DEFAULT_TASK
     lora: LoraRecord = LoraRecord()
     data: DataRecord = DataRecord()
@@ -93,6 +105,16 @@ class AdapterRecord(_Record):
                 f"{marker}: not a readable adapter record ({str(error).splitlines()[0]}); "
                 f"train the adapter again, or remove {MARKER} to load it as a plain peft adapter"
             ) from None
+
+    @property
+    def style(self) -> Style:
+        """How this adapter renders prompts: as it was trained."""
+        if self.template_text is not None and self.template_sha256 not in (None, _sha256(self.template_text)):
+            raise QloraError(
+                f"{self.folder / MARKER}: template_text does not match its template_sha256; the record was edited. "
+                "Train the adapter again, or restore the file"
+            )
+        return Style(template=self.template, template_text=self.template_text, system=self.system, task=self.task)
 
     def write(self) -> None:
         """Write `qlora.json` into the record's folder, stamped with the time and the library versions."""

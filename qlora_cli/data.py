@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from qlora_cli.chat import ROLES, template_of
 from qlora_cli.errors import QloraError
-from qlora_cli.prompts import render_example
-from qlora_cli.recipe import DataSection, TrainSection, data_file_problem, is_local
+from qlora_cli.prompts import IGNORE_INDEX, Renderer, Style, tokenize_example, tokenize_examples  # noqa: F401
+from qlora_cli.recipe import TEMPLATE_SUFFIX, DataSection, TrainSection, data_file_problem, is_local
 
 if TYPE_CHECKING:  # datasets and transformers load in seconds; `qlora validate` checks data without them
     from datasets import Dataset
@@ -29,8 +30,32 @@ if TYPE_CHECKING:  # datasets and transformers load in seconds; `qlora validate`
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label value the loss skips (prompt tokens)
-REQUIRED_FIELDS = ("instruction", "output")
+
+REQUIRED_FIELDS = ("instruction", "output")  # of an alpaca row
+# The fields that make a row one format or another, in the order detection tries them: a row with
+# instruction/output and also a pre-rendered "text" (tatsu-lab/alpaca has both) is an alpaca row.
+FORMAT_FIELDS = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": REQUIRED_FIELDS,
+    "text": ("text",),
+}
+CONVERSATIONAL = ("messages", "sharegpt")
+# ShareGPT speakers, as the exports of FastChat, LLaMA-Factory and glaive name them.
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "function_call": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "function": "tool",
+    "observation": "tool",
+}
 # Column names datasets commonly use for the alpaca fields: the first guess when a file lacks the field itself.
 USUAL_COLUMNS = {
     "instruction": ("question", "prompt", "query", "instruction_text", "text"),
@@ -45,7 +70,8 @@ DEFAULT_SEED: int = TrainSection.model_fields["seed"].default  # train.seed's de
 class TrainingData:
     train: Dataset
     eval: Dataset | None
-    dropped: int  # examples whose whole response fell beyond max_length
+    dropped: int  # examples whose whole response fell beyond max_length, or whose conversation was refused
+    style: Style  # how the rows were rendered: the adapter records it
 
 
 def rename_columns(rows: list[dict], columns: dict[str, str]) -> list[dict]:
@@ -129,17 +155,119 @@ def _read_json(path: Path) -> list[dict]:
     return data
 
 
-def row_problem(row: object) -> str | None:
-    """Why a row cannot train (None when it can): it must be an object with non-empty string instruction
-    and output; input is optional text."""
+def row_problem(row: object, data_format: str = "alpaca") -> str | None:
+    """Why a row of `data_format` cannot train (None when it can), naming the field."""
     if not isinstance(row, dict):
-        return f"expected an object with instruction/input/output, got {type(row).__name__}"
-    missing = [field for field in REQUIRED_FIELDS if not isinstance(row.get(field), str) or not row[field].strip()]
+        return f"expected an object with {'/'.join(FORMAT_FIELDS[data_format])}, got {type(row).__name__}"
+    if data_format in CONVERSATIONAL:
+        return conversation_problem(row, data_format)
+    missing = [
+        field for field in FORMAT_FIELDS[data_format] if not isinstance(row.get(field), str) or not row[field].strip()
+    ]
     if missing:
-        return f"missing or empty field(s) {', '.join(missing)} (alpaca rows need instruction and output)"
-    if row.get("input") is not None and not isinstance(row["input"], str):
+        needs = {"alpaca": "alpaca rows need instruction and output", "text": "text rows need their text"}
+        return f"missing or empty field(s) {', '.join(missing)} ({needs.get(data_format, 'rows need prompt and completion')})"
+    if data_format == "alpaca" and row.get("input") is not None and not isinstance(row["input"], str):
         return f"field input must be text, got {type(row['input']).__name__}"
     return None
+
+
+def conversation_problem(row: dict, data_format: str) -> str | None:
+    """Why a messages or sharegpt row cannot train: each message's role, content and tool calls, and an
+    assistant turn to learn. Role order is the template's to judge (Mistral's needs alternation)."""
+    key = "messages" if data_format == "messages" else "conversations"
+    messages = row.get(key)
+    if not isinstance(messages, list) or not messages:
+        got = "an empty list" if isinstance(messages, list) else type(messages).__name__
+        return f"{key} must be a list of {{role, content}} messages, got {got}"
+    if row.get("tools") is not None and not isinstance(row["tools"], list):
+        return f"tools must be a list of tool definitions, got {type(row['tools']).__name__}"
+    for index, message in enumerate(messages):
+        where = f"{key}[{index}]"
+        if data_format == "sharegpt":
+            if not isinstance(message, dict) or "from" not in message:
+                return f"{where}: expected an object with from and value"
+            if message["from"] not in SHAREGPT_ROLES:
+                return f"{where}.from: unknown speaker {message['from']!r}; known: {', '.join(SHAREGPT_ROLES)}"
+            message = {"role": SHAREGPT_ROLES[message["from"]], "content": message.get("value")}
+        if not isinstance(message, dict):
+            return f"{where}: expected an object with role and content, got {type(message).__name__}"
+        role = message.get("role")
+        if role not in ROLES:
+            return f"{where}.role: unknown role {role!r}; use one of {', '.join(ROLES)}"
+        calls = message.get("tool_calls")
+        if calls is not None:
+            problem = _tool_calls_problem(calls, f"{where}.tool_calls") if role == "assistant" else None
+            if role != "assistant":
+                problem = f"{where}.tool_calls: only an assistant message calls tools, not a {role} message"
+            if problem:
+                return problem
+        content = message.get("content")
+        if content is not None and not isinstance(content, str):
+            return f"{where}.content must be text, got {type(content).__name__}"
+        if not (content or "").strip() and not calls:
+            return f"{where}: empty {role} message" + (" (nothing to learn)" if role == "assistant" else "")
+    if not any(_role(message, data_format) == "assistant" for message in messages):
+        return f"{key}: no assistant turn to learn"
+    return None
+
+
+def _role(message: dict, data_format: str) -> str | None:
+    return SHAREGPT_ROLES.get(message.get("from")) if data_format == "sharegpt" else message.get("role")
+
+
+def _tool_calls_problem(calls: object, where: str) -> str | None:
+    if not isinstance(calls, list) or not calls:
+        return f"{where} must be a non-empty list"
+    for index, call in enumerate(calls):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            return f"{where}[{index}]: missing function.name"
+        if "arguments" not in function:
+            return f"{where}[{index}] ({function['name']}): missing function.arguments"
+    return None
+
+
+def normalized(row: dict, data_format: str) -> dict:
+    """A checked row in the shape the renderer reads: alpaca fields, prompt/completion, text, or
+    {"messages", "tools"} with OpenAI roles and each content stripped (templates such as Llama 3's trim it
+    themselves, and a mask must not depend on where a template cut)."""
+    if data_format not in CONVERSATIONAL:
+        return row
+    source = row["messages"] if data_format == "messages" else row["conversations"]
+    messages = []
+    if isinstance(row.get("system"), str) and row["system"].strip():  # ShareGPT exports keep it beside the turns
+        messages.append({"role": "system", "content": row["system"].strip()})
+    for message in source:
+        if data_format == "sharegpt":
+            message = {"role": SHAREGPT_ROLES[message["from"]], "content": message.get("value")}
+        kept = {key: value for key, value in message.items() if value is not None}
+        kept["content"] = (message.get("content") or "").strip()
+        messages.append(kept)
+    return {"messages": messages, **({"tools": row["tools"]} if row.get("tools") else {})}
+
+
+def detect_format(rows: list, path: str) -> tuple[str, list[str]]:
+    """The format of a file's rows (alpaca when no row has any format's fields, so the column checks can say
+    which are missing), and a problem when rows fit two formats or differ from each other."""
+    first_of: dict[str, int] = {}
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            continue
+        fits = [name for name, fields in FORMAT_FIELDS.items() if all(field in row for field in fields)]
+        if len(fits) > 1 and "text" in fits:
+            fits.remove("text")
+        if len(fits) > 1:
+            fields = " and ".join(f"{name} ({'/'.join(FORMAT_FIELDS[name])})" for name in fits)
+            return fits[0], [f"{path}: row {number} fits both {fields}; set data.format to the one meant"]
+        if fits:
+            first_of.setdefault(fits[0], number)
+    if len(first_of) > 1:
+        listing = ", ".join(f"row {number} is {name}" for name, number in first_of.items())
+        return next(iter(first_of)), [
+            f"{path} mixes formats ({listing}); a file holds one format: fix or move the odd rows, or set data.format"
+        ]
+    return next(iter(first_of), "alpaca"), []
 
 
 class RowSource(Protocol):
@@ -155,6 +283,8 @@ class RowSource(Protocol):
     def max_rows(self) -> int | None: ...
     @property
     def invalid_rows(self) -> str: ...
+    @property
+    def format(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -166,6 +296,7 @@ class RowFile:
     columns: Mapping[str, str] = field(default_factory=dict)
     max_rows: int | None = None
     invalid_rows: str = DataSection.model_fields["invalid_rows"].default
+    format: str | None = None
 
 
 @dataclass(frozen=True)
@@ -185,13 +316,16 @@ class CheckedData:
     path: str
     columns: tuple[str, ...]  # the file's own columns, in the order they first appear
     total: int  # rows read (after data.max_rows)
-    rows: tuple[dict, ...]  # the rows that can train, alpaca fields filled from data.columns
+    rows: tuple[dict, ...]  # the rows that can train, normalized (see `normalized`), fields filled from data.columns
     bad: tuple[BadRow, ...]  # every row that cannot train; skipped under data.invalid_rows: drop
+    format: str = "alpaca"
+    numbers: tuple[int, ...] = ()  # each kept row's number in the file, for messages about it
 
     def render(self) -> str:
         dropped = f"; {len(self.bad)} would be dropped (data.invalid_rows: drop)" if self.bad else ""
         return (
-            f"{self.path}: {len(self.rows)} of {self.total} rows can train{dropped}; columns {', '.join(self.columns)}"
+            f"{self.path}: {len(self.rows)} of {self.total} {self.format} rows can train{dropped}; "
+            f"columns {', '.join(self.columns)}"
         )
 
 
@@ -230,6 +364,7 @@ def inspect_section(section: DataSection, *, read_hub: bool = True) -> tuple[Che
                 split="train" if local_eval else section.eval_path,
                 columns=section.columns,
                 invalid_rows=section.invalid_rows,
+                format=section.format,
             )
         )
     checked: list[CheckedData | None] = []
@@ -241,7 +376,27 @@ def inspect_section(section: DataSection, *, read_hub: bool = True) -> tuple[Che
         result, found = _inspect(source)
         checked.append(result)
         problems += found
+        if result is not None:
+            problems += template_problems(section, result.format, result.path)
     return CheckedSection(train=checked[0], eval=checked[1] if len(checked) > 1 else None), problems
+
+
+def template_problems(section: DataSection, data_format: str, path: str) -> list[str]:
+    """What data.template and data.task cannot do with rows of `data_format`, said before any tokenizer loads."""
+    template = section.template_for(data_format)
+    if data_format in CONVERSATIONAL and template in ("alpaca", "none"):
+        return [
+            f"data.template: {template} renders one prompt and its response; {path} holds conversations "
+            f"({data_format}): set data.template: chat (the tokenizer's own) or a .jinja file"
+        ]
+    if section.task == "reverse" and data_format != "alpaca":
+        return [f"data.task: reverse swaps an alpaca row's instruction and output; {path} holds {data_format} rows"]
+    if section.system is not None and template in ("alpaca", "none"):
+        return [
+            f"data.system: {path} holds {data_format} rows, rendered with template {template}, which has no place "
+            "for a system prompt; set data.template: chat or a .jinja file"
+        ]
+    return []
 
 
 def _raise_problems(problems: list[str]) -> None:
@@ -258,18 +413,28 @@ def _inspect(source: RowSource) -> tuple[CheckedData | None, list[str]]:
     except QloraError as error:
         return None, [str(error)]
     columns = tuple(dict.fromkeys(key for row in raw if isinstance(row, dict) for key in row))
-    problems = column_problems(source.path, columns, source.columns)
+    rows = rename_columns(raw, dict(source.columns))
+    data_format, problems = (source.format, []) if source.format else detect_format(rows, source.path)
+    problems = problems or column_problems(source.path, columns, source.columns, data_format)
     if problems:  # a missing column fails every row: the rows would only repeat it
         return None, problems
-    rows = rename_columns(raw, dict(source.columns))
-    kept, bad = [], []
+    kept, bad, numbers = [], [], []
     for number, row in enumerate(rows, start=1):
-        reason = row_problem(row)
+        reason = row_problem(row, data_format)
         if reason is None:
-            kept.append(row)
+            kept.append(normalized(row, data_format))
+            numbers.append(number)
         else:
             bad.append(BadRow(number, reason))
-    checked = CheckedData(path=source.path, columns=columns, total=len(rows), rows=tuple(kept), bad=tuple(bad))
+    checked = CheckedData(
+        path=source.path,
+        columns=columns,
+        total=len(rows),
+        rows=tuple(kept),
+        bad=tuple(bad),
+        format=data_format,
+        numbers=tuple(numbers),
+    )
     if not bad:
         return checked, []
     if source.invalid_rows == "drop":
@@ -293,92 +458,30 @@ def listed_rows(bad: tuple[BadRow, ...] | list[BadRow]) -> str:
     return listed + (f"\n    ... and {len(bad) - SHOWN_ROWS} more" if len(bad) > SHOWN_ROWS else "")
 
 
-def column_problems(path: str, columns: tuple[str, ...], mapping: Mapping[str, str]) -> list[str]:
-    """data.columns against the file's own columns: each mapped column must exist, and instruction and output
+def column_problems(
+    path: str, columns: tuple[str, ...], mapping: Mapping[str, str], data_format: str = "alpaca"
+) -> list[str]:
+    """data.columns against the file's own columns: each mapped column must exist, and the format's fields
     must come from somewhere. Each problem says what the file has and, where one is close, which column was meant."""
     problems = []
     listing = f"its columns: {', '.join(columns) or 'none'}"
-    for alpaca_field, column in mapping.items():
+    for format_field, column in mapping.items():
         if column not in columns:
             close = difflib.get_close_matches(column, columns, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            problems.append(f"data.columns.{alpaca_field}: {path} has no column {column!r}{hint} ({listing})")
-    for alpaca_field in REQUIRED_FIELDS:
-        if alpaca_field in mapping or alpaca_field in columns:
+            problems.append(f"data.columns.{format_field}: {path} has no column {column!r}{hint} ({listing})")
+    for format_field in FORMAT_FIELDS[data_format]:
+        if format_field in mapping or format_field in columns:
             continue
         unmapped = [column for column in columns if column not in mapping.values()]
-        guess = next((column for column in USUAL_COLUMNS[alpaca_field] if column in unmapped), None)
-        guess = guess or next(iter(difflib.get_close_matches(alpaca_field, unmapped, n=1, cutoff=0.6)), None)
-        fix = f"--set data.columns.{alpaca_field}={guess or 'COLUMN'}"
-        problems.append(f"{path} has no {alpaca_field!r} column ({listing}); name the column that holds it: {fix}")
+        guess = next((column for column in USUAL_COLUMNS.get(format_field, ()) if column in unmapped), None)
+        guess = guess or next(iter(difflib.get_close_matches(format_field, unmapped, n=1, cutoff=0.6)), None)
+        fix = f"--set data.columns.{format_field}={guess or 'COLUMN'}"
+        problems.append(
+            f"{path} has no {format_field!r} column ({listing}); name the column that holds it: {fix}"
+            + ("" if guess else f", or set data.format ({', '.join(FORMAT_FIELDS)})")
+        )
     return problems
-
-
-def tokenize_example(prompt: str, completion: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict:
-    """Prompt tokens are context only (label -100); the completion and its EOS are what the model learns."""
-    return tokenize_examples([prompt], [completion], tokenizer, max_length)[0]
-
-
-def tokenize_examples(
-    prompts: list[str], completions: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> list[dict]:
-    """Tokenize prompt + completion together and learn what follows the prompt's own tokens.
-
-    The prompt's ids are taken as `generate` makes them (add_special_tokens=True: BOS where the tokenizer adds
-    one), and the completion's are the ids that follow them in the joint tokenization: exactly what the model
-    must produce after that prompt at inference. Tokenizing the completion alone would differ: SentencePiece
-    puts '▁' in front of text that starts a string ('▁SE LECT' where the joint text gives 'SELECT').
-    """
-    prompt_batch = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    joint_batch = tokenizer(
-        [prompt + completion for prompt, completion in zip(prompts, completions)], add_special_tokens=True
-    )["input_ids"]
-    examples = []
-    for prompt, completion, prompt_ids, joint_ids in zip(prompts, completions, prompt_batch, joint_batch):
-        if joint_ids[: len(prompt_ids)] == prompt_ids:
-            context, response = prompt_ids, joint_ids[len(prompt_ids) :]
-        else:
-            context, response = _split_merged_boundary(prompt, completion, prompt_ids, joint_ids, tokenizer)
-        response = response + [tokenizer.eos_token_id]  # always a label, also when pad = EOS
-        examples.append(
-            {
-                "input_ids": (context + response)[:max_length],
-                "labels": ([IGNORE_INDEX] * len(context) + response)[:max_length],
-            }
-        )
-    return examples
-
-
-def _split_merged_boundary(
-    prompt: str, completion: str, prompt_ids: list[int], joint_ids: list[int], tokenizer: PreTrainedTokenizerBase
-) -> tuple[list[int], list[int]]:
-    r"""(context, response) when a joint token straddles the prompt's end, e.g. tekken (byte-level BPE)
-    merging the prompt's final ':\n' with a completion's leading '\n' into one ':\n\n' token.
-
-    Generate feeds the prompt's own ids, so we keep them as the context and learn the completion as it
-    continues from there: the completion's characters inside the straddling token, tokenized alone, then
-    the joint tokens that start at or after the boundary. That split is taken only if it decodes to the
-    same text as the joint tokenization: tokenized alone, a SentencePiece fragment gains a spurious '▁'
-    (the very defect this module avoids). Otherwise the joint tokens are kept whole and learning starts
-    where they part from the prompt's tokens: every completion character is learned, and so is the piece
-    of prompt that the merge re-cut (usually one token), which generate's prompt ids cut differently.
-    """
-    if getattr(tokenizer, "is_fast", False):  # offsets need a fast tokenizer
-        offsets = tokenizer(prompt + completion, add_special_tokens=True, return_offsets_mapping=True)["offset_mapping"]
-        boundary = len(prompt)
-        after = next(
-            (index for index, (start, end) in enumerate(offsets) if start >= boundary and end > start), len(offsets)
-        )
-        gap_end = offsets[after][0] - boundary if after < len(offsets) else len(completion)
-        gap_ids = tokenizer(completion[:gap_end], add_special_tokens=False)["input_ids"] if gap_end > 0 else []
-        response = gap_ids + joint_ids[after:]
-        if tokenizer.decode(prompt_ids + response) == tokenizer.decode(joint_ids):
-            return prompt_ids, response
-    shared = next(
-        (index for index, (a, b) in enumerate(zip(prompt_ids, joint_ids)) if a != b),
-        min(len(prompt_ids), len(joint_ids)),
-    )
-    return joint_ids[:shared], joint_ids[shared:]
 
 
 def build_dataset(
@@ -387,9 +490,12 @@ def build_dataset(
     *,
     seed: int = DEFAULT_SEED,
     checked: CheckedSection | None = None,
+    model_name: str = "the model",
 ) -> TrainingData:
     """Rows -> tokenized training (and evaluation) examples. `seed` (train.seed) picks the eval_fraction hold-out;
-    `checked` is check_section's result when the caller has already read the rows."""
+    `checked` is check_section's result when the caller has already read the rows. Every conversation is
+    rendered and its mask checked here, before any weights load: a row the template refuses, or whose assistant
+    turn has no end-of-turn token, is named by its row number."""
     checked = checked or check_section(section)
     assert checked.train is not None  # check_section reads hub data unless told not to
     for data in (checked.train, checked.eval):
@@ -401,16 +507,35 @@ def build_dataset(
                 data.path,
                 data.bad[0],
             )
-    rows = list(checked.train.rows)
-    eval_rows: list[dict] | None = list(checked.eval.rows) if checked.eval is not None else None
+    style = resolve_style(section, checked.train.format, tokenizer, model_name)
+    renderer = Renderer(style, tokenizer)
+    rows = list(zip(checked.train.numbers or range(1, len(checked.train.rows) + 1), checked.train.rows))
+    eval_rows = list(zip(checked.eval.numbers, checked.eval.rows)) if checked.eval is not None else None
     if section.eval_path is None and section.eval_fraction > 0:
         rows, eval_rows = hold_out(rows, section.eval_fraction, seed)
-    train, dropped = _tokenize_rows(rows, section, tokenizer, "training")
-    evaluation = _tokenize_rows(eval_rows, section, tokenizer, "evaluation")[0] if eval_rows else None
-    return TrainingData(train=train, eval=evaluation, dropped=dropped)
+    train, dropped = _tokenize_rows(rows, section, renderer, "training", checked.train.path)
+    evaluation = None
+    if eval_rows:
+        evaluation = _tokenize_rows(
+            eval_rows, section, renderer, "evaluation", checked.eval.path if checked.eval else checked.train.path
+        )[0]
+    return TrainingData(train=train, eval=evaluation, dropped=dropped, style=style)
 
 
-def hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+def resolve_style(section: DataSection, data_format: str, tokenizer: PreTrainedTokenizerBase, model_name: str) -> Style:
+    """The Style rows of `data_format` train with: data.template (or the format's own), its Jinja text read
+    now and kept, data.system and data.task."""
+    template = section.template_for(data_format)
+    if template == "chat":
+        style = Style(template="chat", template_text=template_of(tokenizer, model_name).source, system=section.system)
+    elif template.endswith(TEMPLATE_SUFFIX):
+        style = Style(template=Path(template).name, template_text=_read_text(Path(template)), system=section.system)
+    else:
+        style = Style(template=template, task=section.task)
+    return style
+
+
+def hold_out(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     """(train, eval): a seeded random sample of the rows is held out, each side in file order. Hub datasets
     are often sorted (by source, length or date), so their tail is no fair sample of the rest."""
     held_out = max(1, int(len(rows) * fraction))
@@ -425,31 +550,41 @@ def hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], 
 
 
 def _tokenize_rows(
-    rows: list[dict], section: DataSection, tokenizer: PreTrainedTokenizerBase, what: str
+    rows: list[tuple[int, dict]], section: DataSection, renderer: Renderer, what: str, path: str
 ) -> tuple[Dataset, int]:
+    """Tokenize (row number, row) pairs; one QloraError names every row whose conversation cannot train."""
     from datasets import Dataset
 
-    columns = {field: [str(row.get(field) or "") for row in rows] for field in ("instruction", "input", "output")}
-
     def tokenize_batch(batch: dict) -> dict:
-        rendered = [
-            render_example(
-                {"instruction": instruction, "input": context, "output": output}, section.template, section.task
-            )
-            for instruction, context, output in zip(batch["instruction"], batch["input"], batch["output"])
-        ]
-        examples = tokenize_examples(
-            [r["prompt"] for r in rendered], [r["completion"] for r in rendered], tokenizer, section.max_length
-        )
-        return {
-            "input_ids": [example["input_ids"] for example in examples],
-            "labels": [example["labels"] for example in examples],
-        }
+        ids, labels, problems = [], [], []
+        for text in batch["row"]:
+            try:
+                example = renderer.example(json.loads(text), train_on=section.train_on, max_length=section.max_length)
+            except QloraError as error:
+                example, problem = {"input_ids": [], "labels": []}, str(error)
+            else:
+                problem = ""
+            ids.append(example["input_ids"])
+            labels.append(example["labels"])
+            problems.append(problem)
+        return {"input_ids": ids, "labels": labels, "problem": problems}
 
     workers = min(os.cpu_count() or 1, 8) if len(rows) >= 20_000 else None
+    columns = {"row": [json.dumps(row) for _, row in rows], "number": [number for number, _ in rows]}
     dataset = Dataset.from_dict(columns).map(
-        tokenize_batch, batched=True, num_proc=workers, remove_columns=list(columns), desc=f"Tokenizing {what} data"
+        tokenize_batch, batched=True, num_proc=workers, remove_columns=["row"], desc=f"Tokenizing {what} data"
     )
+    refused = [BadRow(number, problem) for number, problem in zip(dataset["number"], dataset["problem"]) if problem]
+    if refused and (section.invalid_rows == "fail" or len(refused) == len(rows)):
+        if len(refused) == 1:
+            raise QloraError(f"{path}: {refused[0]}")
+        raise QloraError(f"{path}: {len(refused)} of {len(rows)} rows cannot train:" + listed_rows(refused))
+    if refused:
+        log.warning(
+            "data.invalid_rows: dropping %d of %d rows of %s (first: %s)", len(refused), len(rows), path, refused[0]
+        )
+        dataset = dataset.filter(lambda problem: not problem, input_columns="problem")
+    dataset = dataset.remove_columns(["problem", "number"])
     keep = [any(label != IGNORE_INDEX for label in labels) for labels in dataset["labels"]]
     cut_off = keep.count(False)
     if cut_off:
@@ -467,4 +602,4 @@ def _tokenize_rows(
             raise QloraError(
                 f"data.max_length: no {what} example keeps any response token at {section.max_length} tokens"
             )
-    return dataset, cut_off
+    return dataset, cut_off + len(refused)

@@ -38,6 +38,7 @@ from qlora_cli.model import (
     zero3_launch,
 )
 from qlora_cli.preflight import check_adapter_free, check_run_dir_free
+from qlora_cli.prompts import Renderer, Style
 from qlora_cli.recipe import Recipe
 from qlora_cli.report import RichProgress, RunTally, final_train_loss, peak_memory, plot_curves, write_report
 
@@ -244,7 +245,7 @@ def run(
     checked = check_section(recipe.data)  # every data problem at once, before the model is fetched
     model_dir = resolve_model_dir(recipe.model, weights=not dry_run)
     tokenizer = load_tokenizer(model_dir, recipe.model)
-    data = build_dataset(recipe.data, tokenizer, seed=recipe.train.seed, checked=checked)
+    data = build_dataset(recipe.data, tokenizer, seed=recipe.train.seed, checked=checked, model_name=recipe.model.id)
     log.info("data: %d training examples%s", len(data.train), f", {len(data.eval)} for evaluation" if data.eval else "")
     skeleton = empty_model(recipe.model, model_dir)
     check_target_modules(skeleton, recipe.lora)  # before spending minutes loading weights
@@ -334,6 +335,8 @@ def run(
             force=force,
             state_dict=adapter_state,
             source=source,
+            style=data.style,
+            data_format=checked.train.format if checked.train else None,
         )
     except OSError as error:
         raise QloraError(
@@ -431,6 +434,8 @@ def export_adapter(
     force: bool,
     state_dict: dict | None = None,
     source: Path | None = None,
+    style: Style | None = None,
+    data_format: str | None = None,
 ) -> None:
     """The self-describing adapter directory, visible only once complete. `state_dict` holds the
     gathered adapter tensors of a sharded run (gathered_adapter_state); `source` is the recipe file."""
@@ -445,6 +450,9 @@ def export_adapter(
 
             tensors = {name.replace(".default.", "."): tensor.contiguous() for name, tensor in state_dict.items()}
             save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+        style = style or Style()
+        if style.is_chat:  # serving the adapter's tokenizer (vLLM, a merged model) then renders as training did
+            tokenizer.chat_template = style.template_text
         tokenizer.save_pretrained(staging)
         (staging / "recipe.yaml").write_text(recipe.to_yaml())
         adapters.AdapterRecord(
@@ -452,8 +460,13 @@ def export_adapter(
             name=recipe.lora.name,
             recipe_file=str(source.resolve()) if source else None,
             base=adapters.BaseRecord(**base_record),
-            template=recipe.data.template,
-            task=recipe.data.task,
+            template=style.template,
+            template_text=style.template_text,
+            template_sha256=style.template_sha256,
+            system=style.system,
+            end_of_turn=Renderer(style, tokenizer).end_of_turn_tokens(),
+            format=data_format,
+            task=style.task,
             lora=adapters.LoraRecord(
                 r=recipe.lora.r, alpha=recipe.lora.alpha, target_modules=recipe.lora.target_modules
             ),
@@ -509,14 +522,25 @@ def show_dry_run(
     """Everything worth checking before spending GPU hours, from config files alone."""
     console.rule("resolved recipe")
     console.print(recipe.to_yaml(), markup=False, highlight=False)
-    console.rule("first training example (dim: prompt, no loss; green: learned)")
-    example = data.train[0]
+    example = shown_example(data.train)
+    turns = learned_segments(example["labels"])
+    kind = "multi-turn " if len(turns) > 1 else ""
+    console.rule(f"first {kind}training example (dim: context, no loss; green: learned)")
     console.print(loss_mask_text(tokenizer, example["input_ids"], example["labels"]))
     learned = sum(1 for label in example["labels"] if label != IGNORE_INDEX)
-    eos_learned = example["labels"][-1] == tokenizer.eos_token_id
+    stop_ids = Renderer(data.style, tokenizer).stop_ids()
+    ended = sum(1 for _, end in turns if example["labels"][end] in stop_ids)
+    stops = " or ".join(tokenizer.convert_ids_to_tokens(stop_ids))
+    what = "EOS" if stop_ids == [tokenizer.eos_token_id] else "end of turn"
     console.print(
-        f"loss on {learned} of {len(example['input_ids'])} tokens; EOS ({tokenizer.eos_token}) "
-        f"{'is' if eos_learned else 'is NOT'} a label"
+        f"loss on {learned} of {len(example['input_ids'])} tokens in {len(turns)} learned span(s); "
+        + (
+            f"{what} ({stops}) is a label"
+            if ended == len(turns) == 1
+            else f"{ended} of {len(turns)} end with a learned {what} ({stops})"
+        ),
+        markup=False,
+        highlight=False,
     )
     from peft import get_peft_model
 
@@ -556,12 +580,34 @@ def _epoch_time(recipe: Recipe, config: dict, epoch: EpochSize) -> str:
     )
 
 
+def learned_segments(labels: list[int]) -> list[tuple[int, int]]:
+    """(first, last) index of each run of learned tokens: one per trained turn."""
+    runs: list[tuple[int, int]] = []
+    for index, label in enumerate(labels):
+        if label == IGNORE_INDEX:
+            continue
+        if runs and runs[-1][1] == index - 1:
+            runs[-1] = (runs[-1][0], index)
+        else:
+            runs.append((index, index))
+    return runs
+
+
+def shown_example(dataset: Dataset, looked_at: int = 200) -> dict:
+    """The example a dry run shows: the first with more than one learned turn, among the first `looked_at`, so
+    a multi-turn mask is seen when the data has one; else the first."""
+    for index in range(min(len(dataset), looked_at)):
+        if len(learned_segments(dataset[index]["labels"])) > 1:
+            return dataset[index]
+    return dataset[0]
+
+
 def loss_mask_text(tokenizer, input_ids: list[int], labels: list[int]) -> Text:
     """The example as it reads, each token styled by its label. Tokens are decoded after the ones before
     them: decoded alone a SentencePiece token loses its leading space, and a byte-level BPE token may hold
     only part of a character."""
     text = Text()
-    special = set(tokenizer.all_special_ids)
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
     start = shown_until = 0  # decode(input_ids[start:shown_until]) is already on screen
     for index, (token_id, label) in enumerate(zip(input_ids, labels)):
         style = "dim" if label == IGNORE_INDEX else "bold green"

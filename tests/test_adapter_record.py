@@ -13,6 +13,7 @@ from qlora_cli.adapters import AdapterRecord, BaseRecord, check_one_base
 from qlora_cli.cli import app
 from qlora_cli.errors import QloraError
 from qlora_cli.generate import BASE, Session
+from qlora_cli.prompts import Style
 
 FINGERPRINT = "sha256:" + "1" * 32
 
@@ -29,6 +30,11 @@ def trained_adapter(home: Path, name: str = "sql", base_id: str = "org/base", fi
         recipe_file=str(home / f"{name}.yaml"),
         base={"id": base_id, "revision": None, "fingerprint": fingerprint, "architecture": "LlamaForCausalLM"},
         template="alpaca",
+        template_text=None,
+        template_sha256=None,
+        system=None,
+        end_of_turn=["</s>"],
+        format="alpaca",
         task="reverse",
         lora={"r": 8, "alpha": 16.0, "target_modules": "all-linear"},
         data={"path": "data/train.jsonl", "examples": 400, "columns": {"instruction": "question"}},
@@ -113,9 +119,9 @@ def test_an_unreadable_record_names_the_file(tmp_path):
 
 
 def test_the_base_is_prompted_as_the_first_adapter_was_trained():
-    session = Session(model=None, tokenizer=None, base_id="b", templates={"sql": "alpaca"}, tasks={"sql": "reverse"})
-    assert session.style(BASE) == session.style("sql") == ("alpaca", "reverse")
-    assert Session(model=None, tokenizer=None, base_id="b").style(BASE) == ("alpaca", "forward")
+    session = Session(model=None, tokenizer=None, base_id="b", styles={"sql": Style(task="reverse")})
+    assert session.style(BASE) == session.style("sql") == Style(template="alpaca", task="reverse")
+    assert Session(model=None, tokenizer=None, base_id="b").style(BASE) == Style(template="alpaca", task="forward")
 
 
 def test_adapters_list_and_show_read_the_record(tmp_path):

@@ -172,8 +172,8 @@ def test_validate_prints_what_it_checked(tmp_path, run_cli):
     assert code == 0, err
     assert out.splitlines() == [
         f"{tmp_path / 'tiny.yaml'}: OK",
-        f"  data: {TINY / 'sql' / 'train.jsonl'}: 1500 of 1500 rows can train; columns instruction, input, output",
-        f"  eval data: {TINY / 'sql' / 'test.jsonl'}: 100 of 100 rows can train; columns instruction, input, output",
+        f"  data: {TINY / 'sql' / 'train.jsonl'}: 1500 of 1500 alpaca rows can train; columns instruction, input, output",
+        f"  eval data: {TINY / 'sql' / 'test.jsonl'}: 100 of 100 alpaca rows can train; columns instruction, input, output",
         f"  model: local folder {TINY / 'base'} (MistralForCausalLM)",
         "  targets: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj (28 linear layers match)",
         f"  adapter: tiny -> {tmp_path / 'adapters' / 'tiny'}; run folder {tmp_path / 'runs' / 'tiny'}",
@@ -222,7 +222,7 @@ def test_validate_reports_every_bad_row_together_or_counts_those_drop_would_skip
     dropping = write_recipe(tmp_path, "dropping", data={"path": str(data), "eval_path": None, "invalid_rows": "drop"})
     code, out, err = validate(run_cli, dropping)
     assert code == 0, err
-    assert f"  data: {data}: 3 of 10 rows can train; 7 would be dropped (data.invalid_rows: drop)" in out
+    assert f"  data: {data}: 3 of 10 alpaca rows can train; 7 would be dropped (data.invalid_rows: drop)" in out
 
 
 def test_validate_names_a_missing_file_and_an_unsupported_one(tmp_path, run_cli):

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from qlora_cli.generate import Session, parse_mix
 from qlora_cli.model import fingerprint_weights, resolve_model_dir, weight_files
-from qlora_cli.prompts import REVERSE_INSTRUCTION, render_example
+from qlora_cli.prompts import REVERSE_INSTRUCTION, Style, render_example
 from qlora_cli.recipe import ModelSection
 from qlora_cli.train import FP16_OVERFLOWS_TOLERATED, DivergenceGuard
 
@@ -16,7 +16,7 @@ ROW = {"instruction": "Count the users.", "input": "table users (id)", "output":
 
 
 def session(task: str) -> Session:
-    return Session(model=None, tokenizer=None, base_id="base", templates={"sql": "alpaca"}, tasks={"sql": task})
+    return Session(model=None, tokenizer=None, base_id="base", styles={"sql": Style(task=task)})
 
 
 def test_a_reverse_adapter_is_prompted_as_it_was_trained():

@@ -256,7 +256,10 @@ def generate(
         bool, typer.Option("--compare", help="Answer with the base and every adapter, side by side.")
     ] = False,
     prompts: Annotated[
-        Path | None, typer.Option("--prompts", help="JSONL of {instruction, input?, adapter?} rows: batch mode.")
+        Path | None,
+        typer.Option(
+            "--prompts", help="JSONL of {instruction, input?} or {messages} rows, each with adapter?: batch mode."
+        ),
     ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="Batch mode: write JSONL results here (default: stdout).")
@@ -265,6 +268,10 @@ def generate(
         bool,
         typer.Option("--chat", help="Interactive: type instructions, read answers; an empty line or Ctrl-D quits."),
     ] = False,
+    system: Annotated[
+        str | None,
+        typer.Option("--system", help="System prompt for the conversation (adapters trained on a chat template)."),
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy decoding.")] = 0.0,
     top_p: Annotated[
@@ -288,6 +295,7 @@ def generate(
       qlora generate --mix sql=0.7,json=0.3 "Order two apples"
       qlora generate --adapter sql --prompts questions.jsonl --out answers.jsonl
       qlora generate --adapter sql --chat
+      qlora generate --adapter orders --chat --system "You take orders for a cafe."
     """
     adapter = adapter or []
     if sum(bool(mode) for mode in (prompt, prompts, chat)) != 1:
@@ -302,6 +310,11 @@ def generate(
     from qlora_cli.files import prepare_output_file
 
     rows = generate_stage.read_prompts(prompts) if prompts else None  # a bad file is named before any weights load
+    if system is not None:
+        records = generate_stage.load_records(
+            adapter, mix=generate_stage.parse_mix(mix) if mix else None, home=adapters_dir
+        )
+        generate_stage.check_system({record.name: record.style for record in records.values()}, system)
     if out is not None:
         prepare_output_file(out, "--out", "answers.jsonl")
     session, targets = generate_stage.open_targets(
@@ -323,6 +336,7 @@ def generate(
             sampling,
             show=partial(typer.echo, nl=False),
             show_heading=partial(typer.secho, fg="cyan"),
+            system=system,
         )
     except KeyboardInterrupt:
         if not chat:

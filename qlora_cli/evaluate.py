@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from qlora_cli.adapters import AdapterRecord
-from qlora_cli.data import IGNORE_INDEX, RowFile, check_data, listed_rows, tokenize_example
+from qlora_cli.data import IGNORE_INDEX, RowFile, check_data, listed_rows
 from qlora_cli.errors import QloraError
 from qlora_cli.files import prepare_output_file
 from qlora_cli.generate import BASE, MIX, Sampling, Session, load_records, open_session, parse_mix
@@ -110,10 +110,8 @@ def exact_match(
 
 def response_loss(session: Session, rows: list[dict], adapter: str, batch_size: int = 16) -> float:
     """Mean cross-entropy per response token (EOS included), the loss training reports."""
-    examples = []
-    for row in rows:
-        rendered = session.example(row, adapter)
-        examples.append(tokenize_example(rendered["prompt"], rendered["completion"], session.tokenizer, 100_000))
+    renderer = session.renderer(adapter)
+    examples = [renderer.example(row, train_on="last") for row in rows]
     total, count = 0.0, 0
     model = session.model
     for start in range(0, len(examples), batch_size):
@@ -345,7 +343,7 @@ def score(session: Session, rows_by_name: dict[str, list[dict]], *, sql: bool = 
         scored = tuple(
             ScoredRow(
                 row=number,
-                instruction=row["instruction"],
+                instruction=asked_text(row),
                 input=row.get("input") or "",
                 reference=reference,
                 prediction=answer,
@@ -368,6 +366,13 @@ def score(session: Session, rows_by_name: dict[str, list[dict]], *, sql: bool = 
             )
         )
     return scores
+
+
+def asked_text(row: dict) -> str:
+    """What a row asks, in one line of text: its instruction, prompt, or last user message."""
+    if "messages" in row:
+        return next((m.get("content") or "" for m in reversed(row["messages"]) if m.get("role") == "user"), "")
+    return row.get("instruction") or row.get("prompt") or ""
 
 
 def _answer_budget(session: Session, rows: list[dict], adapter: str) -> int:

@@ -20,9 +20,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorS
 
 from qlora_cli import adapters
 from qlora_cli.adapters import AdapterRecord, check_one_base
+from qlora_cli.chat import ROLES
 from qlora_cli.errors import QloraError
 from qlora_cli.model import check_device, fingerprint_weights, load_model, load_tokenizer, resolve_model_dir
-from qlora_cli.prompts import DEFAULT_TASK, DEFAULT_TEMPLATE, render_example
+from qlora_cli.prompts import Renderer, Style, render_example
 from qlora_cli.recipe import RESERVED_ADAPTER_NAMES, ModelSection
 
 log = logging.getLogger(__name__)
@@ -55,24 +56,32 @@ class Session:
     model: PreTrainedModel | PeftModel
     tokenizer: PreTrainedTokenizerBase
     base_id: str
-    templates: dict[str, str] = field(default_factory=dict)
-    tasks: dict[str, str] = field(default_factory=dict)  # "forward" or "reverse", as each adapter was trained
+    styles: dict[str, Style] = field(default_factory=dict)  # how each adapter was trained to be prompted
+    _renderers: dict[str, Renderer] = field(default_factory=dict, repr=False)
 
     @property
     def names(self) -> list[str]:
-        return [BASE, *self.templates]
+        return [BASE, *self.styles]
 
-    def style(self, adapter: str) -> tuple[str, str]:
-        """The template and task that `adapter` is prompted with: its own, as trained. The base has none
-        of its own and borrows the first adapter's, so that the two answer the same question."""
-        owner = adapter if adapter in self.templates else next(iter(self.templates), None)
-        return self.templates.get(owner, DEFAULT_TEMPLATE), self.tasks.get(owner, DEFAULT_TASK)
+    def style(self, adapter: str) -> Style:
+        """The Style `adapter` is prompted with: its own, as trained. The base has none of its own and
+        borrows the first adapter's, so that the two answer the same question."""
+        owner = adapter if adapter in self.styles else next(iter(self.styles), None)
+        return self.styles.get(owner, Style())
+
+    def renderer(self, adapter: str) -> Renderer:
+        style = self.style(adapter)
+        key = adapter if adapter in self.styles else BASE
+        if key not in self._renderers or self._renderers[key].style != style:
+            self._renderers[key] = Renderer(style, self.tokenizer)
+        return self._renderers[key]
 
     def ask(self, rows: list[dict], adapter: str, sampling: Sampling = Sampling(), batch_size: int = 16) -> list[str]:
-        """Answers for alpaca rows ({instruction, input}) from one adapter, in batches."""
+        """Answers for rows (alpaca fields, a prompt, or messages ending with the user's turn) from one
+        adapter, in batches."""
         answers: list[str] = []
         for start in range(0, len(rows), batch_size):
-            prompts = [self.prompt(row, adapter) for row in rows[start : start + batch_size]]
+            prompts = [self.prompt_ids(row, adapter) for row in rows[start : start + batch_size]]
             answers += self._generate(prompts, adapter, sampling)
         return answers
 
@@ -89,22 +98,29 @@ class Session:
             self.model.set_adapter(adapter)
         yield
 
-    def example(self, row: dict, adapter: str) -> dict[str, str]:
-        """The prompt and expected completion, rendered as the adapter was trained."""
-        template, task = self.style(adapter)
-        if task == "reverse" and "output" not in row:
-            row = {
+    def _asked(self, row: dict, adapter: str) -> dict:
+        if self.style(adapter).task == "reverse" and "output" not in row and "instruction" in row:
+            return {
                 "instruction": "",
                 "output": row["instruction"],
             }  # generate: the text given is the response to reverse
-        return render_example({"output": "", **row}, template, task)
+        return row
+
+    def example(self, row: dict, adapter: str) -> dict[str, str]:
+        """The prompt text and the expected answer, rendered as the adapter was trained."""
+        row = self._asked(row, adapter)
+        renderer = self.renderer(adapter)
+        return {"prompt": renderer.prompt_text(row), "completion": reference_answer(row, renderer.style)}
 
     def prompt(self, row: dict, adapter: str) -> str:
         return self.example(row, adapter)["prompt"]
 
+    def prompt_ids(self, row: dict, adapter: str) -> list[int]:
+        return self.renderer(adapter).prompt_ids(self._asked(row, adapter))
+
     def add_mix(self, weights: dict[str, float], name: str = MIX) -> None:
         """One more adapter: the weighted combination of loaded ones, prompted as its first member."""
-        unknown = [adapter for adapter in weights if adapter not in self.templates]
+        unknown = [adapter for adapter in weights if adapter not in self.styles]
         if unknown:
             raise QloraError(f"--mix names {unknown}, which are not loaded adapters")
         # 'cat' stacks the adapters' low-rank factors, so the mix's update is exactly sum(w_i * B_i A_i),
@@ -112,7 +128,7 @@ class Session:
         self.model.add_weighted_adapter(
             list(weights), list(weights.values()), adapter_name=name, combination_type="cat"
         )
-        self.templates[name], self.tasks[name] = self.style(next(iter(weights)))
+        self.styles[name] = self.style(next(iter(weights)))
 
     def stream(self, row: dict, adapter: str, sampling: Sampling = Sampling()) -> Iterator[str]:
         """Yield the answer's text piece by piece as it is generated."""
@@ -123,7 +139,7 @@ class Session:
 
         def generate_into_streamer() -> None:
             try:
-                self._generate([self.prompt(row, adapter)], adapter, sampling, streamer=streamer)
+                self._generate([self.prompt_ids(row, adapter)], adapter, sampling, streamer=streamer)
             except BaseException as error:  # noqa: BLE001 - handed to the reading thread, which re-raises it
                 failures.append(error)
                 # transformers ends the stream only when generation succeeds: without this the reader
@@ -138,23 +154,41 @@ class Session:
             raise generation_error(failures[0], adapter) from failures[0]
 
     @torch.inference_mode()
-    def _generate(self, prompts: list[str], adapter: str, sampling: Sampling, streamer=None) -> list[str]:
+    def _generate(self, prompts: list[list[int]], adapter: str, sampling: Sampling, streamer=None) -> list[str]:
         set_seed(sampling.seed)
-        self.tokenizer.padding_side = "left"  # generation continues from the right edge
-        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True).to(
-            self.model.device
+        width = max(len(ids) for ids in prompts)
+        pad = self.tokenizer.pad_token_id
+        # Left padding: generation continues from the right edge of every row.
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], device=self.model.device)
+        attention = torch.tensor(
+            [[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=self.model.device
         )
         kwargs = dict(
-            **batch,
+            input_ids=input_ids,
+            attention_mask=attention,
             **sampling.generate_kwargs(),
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.renderer(adapter).stop_ids(),  # every end of turn the template uses, and EOS
+            pad_token_id=pad,
             streamer=streamer,
         )
         with self.using(adapter):
             output = self.model.generate(**kwargs)
-        new_tokens = output[:, batch["input_ids"].shape[1] :]
+        new_tokens = output[:, width:]
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def reference_answer(row: dict, style: Style) -> str:
+    """The answer a row holds: the last assistant turn of a conversation, a completion, or an alpaca output
+    (for a reverse-task adapter, the instruction)."""
+    if "messages" in row:
+        return next((m.get("content") or "" for m in reversed(row["messages"]) if m.get("role") == "assistant"), "")
+    if "completion" in row:
+        return row["completion"]
+    if "output" not in row:
+        return ""
+    return render_example(
+        {"output": "", **row}, style.template if style.template == "alpaca" else "alpaca", style.task
+    )["completion"]
 
 
 def generation_error(error: BaseException, adapter: str) -> QloraError:
@@ -229,12 +263,11 @@ def open_session(
         model=model,
         tokenizer=tokenizer,
         base_id=section.id,
-        templates={record.folder.name: record.template for record in records.values()},
-        tasks={record.folder.name: record.task for record in records.values()},
+        styles={record.folder.name: record.style for record in records.values()},
     )
     if mix:
         session.add_mix({records[ref].folder.name: weight for ref, weight in mix.items()})
-    log.info("loaded %s with adapters: %s", section.id, ", ".join(session.templates) or "none")
+    log.info("loaded %s with adapters: %s", section.id, ", ".join(session.styles) or "none")
     return session
 
 
@@ -266,22 +299,54 @@ def converse(
     *,
     show: Callable[[str], None],
     show_heading: Callable[[str], None],
-) -> None:
+    system: str | None = None,
+) -> dict[str, list[dict]]:
     """Answer each instruction with every target, showing the text as it is generated; an empty
-    instruction ends the conversation."""
+    instruction ends the conversation. A target trained on a chat template keeps the conversation: each
+    answer is in the history of the next question. `system` opens every conversation (chat templates only).
+    Returns each chat target's conversation as it went."""
+    histories: dict[str, list[dict]] = {
+        name: [{"role": "system", "content": system}] if system else [] for name in targets
+    }
     for instruction in instructions:
         if not instruction.strip():
-            return
+            break
         warn_unknown_words(session.tokenizer, [{"instruction": instruction, "input": input_text}])
         for name in targets:
             if len(targets) > 1:
                 show_heading(f"── {name} ──")
-            for piece in session.stream({"instruction": instruction, "input": input_text}, name, sampling):
+            if session.style(name).is_chat:
+                content = f"{instruction}\n\n{input_text}" if input_text.strip() else instruction
+                histories[name].append({"role": "user", "content": content})
+                row: dict = {"messages": histories[name]}
+            else:
+                row = {"instruction": instruction, "input": input_text}
+            answer = []
+            for piece in session.stream(row, name, sampling):
+                answer.append(piece)
                 show(piece)
             show("\n")
+            if session.style(name).is_chat:
+                histories[name].append({"role": "assistant", "content": "".join(answer).strip()})
+    return {name: history for name, history in histories.items() if session.style(name).is_chat}
 
 
-CHAT_HELP = "type an instruction and press Enter; an empty line, Ctrl-D or Ctrl-C leaves"
+def check_system(session_styles: dict[str, Style], system: str | None) -> None:
+    """--system needs adapters trained on a chat template: alpaca prompts have no place for it."""
+    if system is None:
+        return
+    plain = [name for name, style in session_styles.items() if not style.is_chat]
+    if plain:
+        raise QloraError(
+            f"--system: adapter {plain[0]!r} was trained with the {session_styles[plain[0]].template} template, "
+            "which has no system prompt; use --system with adapters trained on a chat template"
+        )
+
+
+CHAT_HELP = (
+    "type a message and press Enter; adapters trained on a chat template keep the conversation; "
+    "an empty line, Ctrl-D or Ctrl-C leaves"
+)
 
 
 def chat_instructions(read: Callable[[str], str] = input) -> Iterator[str]:
@@ -317,7 +382,7 @@ def unknown_words(tokenizer: PreTrainedTokenizerBase, text: str) -> list[str]:
 def warn_unknown_words(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> None:
     """Warn when prompts hold words the model cannot see: it reads each as one unknown token, so its
     answer cannot repeat them and is a guess about them."""
-    per_row = [unknown_words(tokenizer, f"{row['instruction']}\n{row.get('input') or ''}") for row in rows]
+    per_row = [unknown_words(tokenizer, "\n".join(_texts(row))) for row in rows]
     words = list(dict.fromkeys(word for found in per_row for word in found))
     if not words:
         return
@@ -329,6 +394,13 @@ def warn_unknown_words(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> 
         shown,
         tokenizer.unk_token,
     )
+
+
+def _texts(row: dict) -> list[str]:
+    """The text a prompt row gives the model: alpaca fields, a prompt, or its messages' contents."""
+    if "messages" in row:
+        return [m.get("content") or "" for m in row["messages"] if isinstance(m, dict)]
+    return [str(row.get(key) or "") for key in ("instruction", "input", "prompt")]
 
 
 @dataclass(frozen=True)
@@ -369,9 +441,33 @@ def _jsonl(rows) -> str:
 ANSWER_FIELD = "answer"
 
 
+def prompt_row_problem(row: object) -> str | None:
+    """Why a batch-mode row cannot be asked: it needs an instruction, a prompt, or messages that end with
+    the user's (or a tool's) turn."""
+    if not isinstance(row, dict):
+        return 'expected {"instruction": ..., "input": ...} or {"messages": [...]}'
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            return "messages must be a non-empty list of {role, content}"
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in ROLES:
+                return f"messages[{index}].role must be one of {', '.join(ROLES)}"
+            if not isinstance(message.get("content"), str):
+                return f"messages[{index}].content must be text"
+        if messages[-1]["role"] not in ("user", "tool"):
+            return (
+                f"messages end with a {messages[-1]['role']} turn; the last must be the user's, for the model to answer"
+            )
+        return None
+    if not isinstance(row.get("instruction", row.get("prompt")), str):
+        return 'expected {"instruction": ..., "input": ...}, {"prompt": ...} or {"messages": [...]}'
+    return None
+
+
 def read_prompts(path: Path) -> list[dict]:
-    """Prompt rows for batch mode: {"instruction", "input"?, "adapter"?} per JSONL line (a bare string is an
-    instruction). Checked whole before any model loads."""
+    """Prompt rows for batch mode, one per JSONL line: {"instruction", "input"?}, {"prompt"} or {"messages"},
+    each with an optional "adapter" (a bare string is an instruction). Checked whole before any model loads."""
     from qlora_cli.data import numbered_jsonl
 
     if not path.is_file():
@@ -380,8 +476,9 @@ def read_prompts(path: Path) -> list[dict]:
     for number, row in numbered_jsonl(path):
         if isinstance(row, str):
             row = {"instruction": row}
-        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
-            raise QloraError(f'{path}: line {number}: expected {{"instruction": ..., "input": ...}}')
+        problem = prompt_row_problem(row)
+        if problem:
+            raise QloraError(f"{path}: line {number}: {problem}")
         if ANSWER_FIELD in row:
             raise QloraError(
                 f'{path}: line {number}: the row already has an "{ANSWER_FIELD}" field, where generate writes its '

@@ -207,4 +207,4 @@ def test_eval_puts_base_adapter_and_mix_in_one_table_and_json(trained_adapters, 
 def test_a_mix_may_name_adapters_by_folder_path(trained_adapters):
     mixed = open_session([], mix={str(trained_adapters / "sql"): 0.9, "json": 0.1}, home=str(trained_adapters))
     assert mixed.names == [BASE, "sql", "json", "mix"]
-    assert mixed.tasks["mix"] == "forward"
+    assert mixed.style("mix") == mixed.style("sql")  # prompted as its first member

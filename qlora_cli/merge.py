@@ -40,7 +40,7 @@ from qlora_cli.adapters import AdapterRecord
 from qlora_cli.errors import QloraError
 from qlora_cli.files import atomic_directory, check_new_output
 from qlora_cli.model import base_model_record, check_device, load_model, resolve_model_dir, weight_files
-from qlora_cli.prompts import render_prompt
+from qlora_cli.prompts import Renderer, Style
 from qlora_cli.recipe import ModelSection
 from qlora_cli.safetensors_io import TensorReader, TensorWriter, read_header
 
@@ -181,7 +181,7 @@ def run(
         write_model_files(model_dir, adapter_dir, staging, section, base_config, out_dtype, sizes)
         if verify:
             check = verify_merge(
-                staging, adapter_dir, model_dir, section, source, out_dtype, record.template, tolerance, verify_memory
+                staging, adapter_dir, model_dir, section, source, out_dtype, record.style, tolerance, verify_memory
             )
         else:
             check = {"verified": False, "unverified_reason": "skipped (--no-verify)"}
@@ -445,7 +445,7 @@ def verify_merge(
     section: ModelSection,
     source: Source,
     out_dtype: torch.dtype,
-    template: str,
+    style: Style,
     tolerance: float | None,
     memory: dict[int | str, int] | None = None,
 ) -> dict:
@@ -455,7 +455,7 @@ def verify_merge(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=section.trust_remote_code)
-    prompts = verification_inputs(tokenizer, template)
+    prompts = verification_inputs(tokenizer, style)
     device = check_device(
         section.model_copy(update={"device": "auto"})
     )  # merging needs no GPU, whatever training ran on
@@ -555,11 +555,12 @@ def use_exact_4bit_matmul(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def verification_inputs(tokenizer, template: str) -> list[torch.Tensor]:
-    """Prompts in the adapter's template, plus one row of token ids spread over the whole vocabulary
-    so that embedding rows the prompts never touch are checked too."""
+def verification_inputs(tokenizer, style: Style) -> list[torch.Tensor]:
+    """Prompts as the adapter is prompted (its template, as generate renders them), plus one row of token ids
+    spread over the whole vocabulary so that embedding rows the prompts never touch are checked too."""
+    renderer = Renderer(style, tokenizer)
     rows = [
-        tokenizer(render_prompt(instruction, "", template), return_tensors="pt")["input_ids"]
+        torch.tensor([renderer.prompt_ids({"instruction": instruction, "input": ""})])
         for instruction in VERIFY_INSTRUCTIONS
     ]
     spread = torch.linspace(0, len(tokenizer) - 1, steps=min(64, len(tokenizer))).long()

@@ -103,12 +103,16 @@ def template_of(tokenizer: PreTrainedTokenizerBase, model_name: str) -> ChatTemp
     if isinstance(source, dict):  # several named templates: the default one is what chat UIs use
         source = source.get("default")
     if not source:
-        raise QloraError(
-            f"data.template: chat: the tokenizer of {model_name} has no chat_template. Set data.template to a "
-            ".jinja file beside the recipe (each assistant turn must end with a token such as {{ eos_token }}), "
-            "or train alpaca rows with data.template: alpaca"
-        )
+        raise QloraError(no_chat_template(model_name))
     return ChatTemplate(name="chat", source=source)
+
+
+def no_chat_template(model_name: str) -> str:
+    return (
+        f"data.template: chat: the tokenizer of {model_name} has no chat_template. Set data.template to a "
+        ".jinja file beside the recipe (each assistant turn must end with a token such as {{ eos_token }}), "
+        "or train alpaca rows with data.template: alpaca"
+    )
 
 
 def render_marked(

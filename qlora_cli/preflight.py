@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_cli import adapters
+from qlora_cli.chat import no_chat_template
 from qlora_cli.data import CheckedSection, inspect_section
 from qlora_cli.errors import ExitCode, QloraError
 from qlora_cli.files import check_new_output
@@ -54,6 +55,10 @@ def run(recipe: Recipe, recipe_file: Path, *, adapters_dir: str | None = None) -
     except QloraError as error:
         problems.append(str(error))
         model = ModelCheck(recipe.model.id, is_local(recipe.model.id), None, None, None)
+    if data.train is not None and model.local:
+        problem = chat_template_problem(recipe, data.train.format)
+        if problem:
+            problems.append(problem)
     targets = None
     if model.linear_names is not None:
         try:
@@ -73,6 +78,25 @@ def run(recipe: Recipe, recipe_file: Path, *, adapters_dir: str | None = None) -
     return Validated(recipe_file, recipe, adapter_dir, taken, data, model, targets)
 
 
+# data.train_on, in words (a text row is learned whole whatever it says)
+LOSS_ON = {"assistant": "each assistant turn", "last": "the last assistant turn", "all": "every token"}
+
+
+def chat_template_problem(recipe: Recipe, data_format: str) -> str | None:
+    """data.template: chat on a local model whose tokenizer files hold no chat template, said without loading
+    the tokenizer (the same refusal train gives, see chat.template_of)."""
+    if recipe.data.template_for(data_format) != "chat":
+        return None
+    folder = Path(recipe.model.id)
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return None
+    config_file = folder / "tokenizer_config.json"
+    config = read_config(config_file) if config_file.is_file() else {}
+    if config.get("chat_template"):
+        return None
+    return no_chat_template(recipe.model.id)
+
+
 def _indent(problem: str) -> str:
     return "\n".join(f"  {line}" for line in problem.splitlines())
 
@@ -85,6 +109,11 @@ def render(validated: Validated) -> str:
             lines.append(f"  {label}: {checked.render()}")
     if validated.data.train is None:
         lines.append(f"  data: hub dataset {recipe.data.path}: not read (train --dry-run downloads and checks it)")
+    if validated.data.train is not None:
+        template = recipe.data.template_for(validated.data.train.format)
+        described = {"chat": "chat (the tokenizer's own chat template)", "none": "none (rows trained as they are)"}
+        learned = LOSS_ON["all" if validated.data.train.format == "text" else recipe.data.train_on]
+        lines.append(f"  template: {described.get(template, Path(template).name)}; loss on {learned}")
     if recipe.data.columns:
         mapping = ", ".join(f"{field} <- {column}" for field, column in recipe.data.columns.items())
         lines.append(f"  columns: {mapping}")

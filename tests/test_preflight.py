@@ -174,6 +174,7 @@ def test_validate_prints_what_it_checked(tmp_path, run_cli):
         f"{tmp_path / 'tiny.yaml'}: OK",
         f"  data: {TINY / 'sql' / 'train.jsonl'}: 1500 of 1500 alpaca rows can train; columns instruction, input, output",
         f"  eval data: {TINY / 'sql' / 'test.jsonl'}: 100 of 100 alpaca rows can train; columns instruction, input, output",
+        "  template: alpaca; loss on each assistant turn",
         f"  model: local folder {TINY / 'base'} (MistralForCausalLM)",
         "  targets: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj (28 linear layers match)",
         f"  adapter: tiny -> {tmp_path / 'adapters' / 'tiny'}; run folder {tmp_path / 'runs' / 'tiny'}",

@@ -282,3 +282,29 @@ def test_the_adapter_prompts_with_the_template_text_it_recorded(chat_adapter):
             _ = AdapterRecord.load(chat_adapter / "chat").style
     finally:
         marker.write_text(json.dumps(fields))
+
+
+def test_train_on_picks_the_learned_turns():
+    from qlora_cli.train import learned_segments
+
+    renderer = Renderer(
+        Style(template="frame.jinja", template_text=FRAME), AutoTokenizer.from_pretrained(TINY / "base")
+    )
+    row = {"messages": turns(3, 0)}
+    spans = {on: learned_segments(renderer.example(row, train_on=on)["labels"]) for on in ("assistant", "last", "all")}
+    assert len(spans["assistant"]) == 3 and spans["last"] == spans["assistant"][-1:]
+    assert spans["all"] == [(0, len(renderer.example(row)["input_ids"]) - 1)]
+
+
+def test_eval_scores_the_last_assistant_turn_of_each_conversation(chat_adapter, tmp_path, run_cli):
+    rows = [{"messages": turns(2, i)} for i in range(3)]
+    data = write_jsonl(tmp_path / "held-out.jsonl", rows)
+    out = tmp_path / "eval.json"
+    code, _, err = run_cli(
+        ["eval", "--data", str(data), "-a", "chat", "--adapters-dir", str(chat_adapter), "--out", str(out)]
+    )
+    assert code == 0, err
+    scored = json.loads(out.read_text())["results"][0]["rows"]
+    assert [(row["instruction"], row["reference"]) for row in scored] == [
+        (row["messages"][-2]["content"], row["messages"][-1]["content"]) for row in rows
+    ]

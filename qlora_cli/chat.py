@@ -126,8 +126,8 @@ def render_marked(
     """The rendered text and where each message's content lies in it."""
     marked = [
         {**message, "content": f"{OPEN}{chr(FIRST_NUMBER + index)}{message['content']}{CLOSE}"}
-        if isinstance(message.get("content"), str)
-        else dict(message)
+        if isinstance(message.get("content"), str) and message["content"]
+        else dict(message)  # a tool call's empty content: templates test it for truth, a mark would change that
         for index, message in enumerate(messages)
     ]
     text = template.render(tokenizer, marked, tools=tools, add_generation_prompt=add_generation_prompt)
@@ -210,15 +210,26 @@ def encode_conversation(
     its end-of-turn token, learned too; QloraError when the template writes none."""
     text, turns = render_marked(template, tokenizer, messages, tools=tools)
     ids, offsets, control = encode_text(tokenizer, text, [(t.start, t.end) for t in turns], control_tokens(tokenizer))
-    assistant = [turn for turn in turns if turn.role == "assistant" and turn.index >= trained_from]
+    calls = _tool_call_turns(template, tokenizer, messages, tools, text, turns)
+    assistant = sorted(
+        [turn for turn in [*turns, *calls] if turn.role == "assistant" and turn.index >= trained_from],
+        key=lambda turn: turn.index,
+    )
     if not assistant:
         raise QloraError("no assistant turn to learn")
     learned = assistant[-1:] if train_on == "last" else assistant
     labels = list(ids) if train_on == "all" else [IGNORE_INDEX] * len(ids)
     ends = []
     for turn in learned:
-        tokens = [i for i, (start, end) in enumerate(offsets) if start < turn.end and turn.start < end]
-        end_token = _end_of_turn(text, offsets, control, tokens[-1]) if tokens else None
+        if turn in calls:
+            # The call is the template's rendering of structured data: learned up to the template's end of turn.
+            stops = set(end_of_turn_ids(template, tokenizer))
+            first = next((i for i, (start, _) in enumerate(offsets) if start >= turn.start), len(ids))
+            end_token = next((i for i in range(first, len(ids)) if control[i] and ids[i] in stops), None)
+            tokens = list(range(first, (end_token or first) + 1))
+        else:
+            tokens = [i for i, (start, end) in enumerate(offsets) if start < turn.end and turn.start < end]
+            end_token = _end_of_turn(text, offsets, control, tokens[-1]) if tokens else None
         if end_token is None:
             after = text[turn.end : turn.end + 30]
             raise QloraError(
@@ -229,6 +240,37 @@ def encode_conversation(
         labels[tokens[0] : end_token + 1] = ids[tokens[0] : end_token + 1]
         ends.append(ids[end_token])
     return Encoded(input_ids=ids, labels=labels, end_of_turn_ids=tuple(ends))
+
+
+def _tool_call_turns(
+    template: ChatTemplate,
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Mapping],
+    tools: list | None,
+    text: str,
+    turns: list[Turn],
+) -> list[Turn]:
+    """Where each assistant message that only calls tools starts (it has no content to mark): right after the
+    cue the template writes for the assistant (its generation prompt), found where the previous message's
+    content ends. `end` is that start too: the call runs to the template's end-of-turn token."""
+    found = []
+    for index, message in enumerate(messages):
+        if message.get("role") != "assistant" or message.get("content") or not message.get("tool_calls"):
+            continue
+        before = [turn.end for turn in turns if turn.index < index]
+        cue_text, cue_turns = render_marked(
+            template, tokenizer, messages[:index], tools=tools, add_generation_prompt=True
+        )
+        cue = cue_text[max((turn.end for turn in cue_turns), default=0) :]
+        anchor = max(before, default=0)
+        at = text.find(cue, anchor) if cue else -1
+        if at < 0 or text[anchor:at].strip():
+            raise QloraError(
+                f"tool call (message {index + 1}): the {template.name} template does not render it after its "
+                "assistant cue, so qlora cannot tell which tokens are the call"
+            )
+        found.append(Turn(index=index, role="assistant", start=at + len(cue), end=at + len(cue)))
+    return found
 
 
 def _end_of_turn(text: str, offsets: list[tuple[int, int]], control: list[bool], last: int) -> int | None:

@@ -243,8 +243,26 @@ def normalized(row: dict, data_format: str) -> dict:
             message = {"role": SHAREGPT_ROLES[message["from"]], "content": message.get("value")}
         kept = {key: value for key, value in message.items() if value is not None}
         kept["content"] = (message.get("content") or "").strip()
+        if kept.get("tool_calls"):
+            kept["tool_calls"] = [_parsed_arguments(call) for call in kept["tool_calls"]]
         messages.append(kept)
     return {"messages": messages, **({"tools": row["tools"]} if row.get("tools") else {})}
+
+
+def _parsed_arguments(call: dict) -> dict:
+    """A tool call with its arguments as an object: OpenAI exports hold them as a JSON string, and chat
+    templates write them with `tojson`, which would quote that string a second time."""
+    function = call.get("function", call)
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments)
+        except json.JSONDecodeError:
+            return call
+        if isinstance(parsed, dict):
+            function = {**function, "arguments": parsed}
+            return {**call, "function": function} if "function" in call else function
+    return call
 
 
 def detect_format(rows: list, path: str) -> tuple[str, list[str]]:

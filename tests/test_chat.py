@@ -308,3 +308,32 @@ def test_eval_scores_the_last_assistant_turn_of_each_conversation(chat_adapter, 
     assert [(row["instruction"], row["reference"]) for row in scored] == [
         (row["messages"][-2]["content"], row["messages"][-1]["content"]) for row in rows
     ]
+
+
+def test_a_tool_call_is_learned_as_the_template_writes_it():
+    """Qwen2.5's own template (the hub original, as TRL ships it): the call an assistant turn makes is rendered
+    from structured data, and learned from after the assistant cue through <|im_end|>."""
+    import trl
+
+    from qlora_cli.chat import ChatTemplate, encode_conversation
+    from qlora_cli.data import normalized
+    from qlora_cli.testing import build_tokenizer
+
+    source = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
+    words = "weather in Paris sunny today tool_call name arguments city You are Qwen created by Alibaba Cloud helpful"
+    tokenizer = build_tokenizer([words], chat=True)
+    call = {"type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    row = {
+        "messages": [
+            {"role": "user", "content": "weather in Paris"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "sunny"},
+            {"role": "assistant", "content": "sunny today"},
+        ]
+    }
+    encoded = encode_conversation(ChatTemplate("chat", source), tokenizer, normalized(row, "messages")["messages"])
+    learned = tokenizer.decode([i for i, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX])
+    # The JSON-string arguments of an OpenAI export are written once, as an object, not quoted twice.
+    assert learned == (
+        '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>sunny today<|im_end|>'
+    )

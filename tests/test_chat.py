@@ -337,3 +337,14 @@ def test_a_tool_call_is_learned_as_the_template_writes_it():
     assert learned == (
         '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>sunny today<|im_end|>'
     )
+
+
+def test_generation_stops_at_the_templates_end_of_turn_and_at_eos():
+    from qlora_cli.testing import CHATML_TEMPLATE, build_tokenizer
+
+    tokenizer = build_tokenizer(["hello there"], chat=True)
+    chatml = Renderer(Style(template="chat", template_text=CHATML_TEMPLATE), tokenizer)
+    assert chatml.end_of_turn_tokens() == ["<|im_end|>", "</s>"]
+    framed = Renderer(Style(template="frame.jinja", template_text=FRAME), tokenizer)
+    assert framed.end_of_turn_tokens() == ["</s>"]
+    assert Renderer(Style(), tokenizer).end_of_turn_tokens() == ["</s>"]  # alpaca: EOS ends the response

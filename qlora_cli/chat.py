@@ -229,7 +229,8 @@ def encode_conversation(
             tokens = list(range(first, (end_token or first) + 1))
         else:
             tokens = [i for i, (start, end) in enumerate(offsets) if start < turn.end and turn.start < end]
-            end_token = _end_of_turn(text, offsets, control, tokens[-1]) if tokens else None
+            replies = [(other.start, other.end) for other in assistant if other.index > turn.index]
+            end_token = _end_of_turn(text, offsets, control, tokens[-1], replies) if tokens else None
         if end_token is None:
             after = text[turn.end : turn.end + 30]
             raise QloraError(
@@ -273,14 +274,19 @@ def _tool_call_turns(
     return found
 
 
-def _end_of_turn(text: str, offsets: list[tuple[int, int]], control: list[bool], last: int) -> int | None:
+def _end_of_turn(
+    text: str, offsets: list[tuple[int, int]], control: list[bool], last: int, replies: list[tuple[int, int]]
+) -> int | None:
     """The index of the control token that closes a turn whose content ends at token `last`: the first one
-    after it with only whitespace between. None when text or the end comes first."""
+    after it with only whitespace between, or the content of later assistant messages that the template
+    joined to this one (mistral-common writes two replies in a row as one turn). None when other text or
+    the end comes first."""
     for i in range(last + 1, len(offsets)):
         if control[i]:
             return i
         start, end = offsets[i]
-        if text[start:end].strip():
+        joined = any(reply_start < end and start < reply_end for reply_start, reply_end in replies)
+        if text[start:end].strip() and not joined:
             return None
     return None
 

@@ -118,6 +118,13 @@ class Session:
     def prompt_ids(self, row: dict, adapter: str) -> list[int]:
         return self.renderer(adapter).prompt_ids(self._asked(row, adapter))
 
+    def stop_ids(self, adapter: str) -> list[int]:
+        """Every end of turn the template uses, EOS, and the ids the model's generation_config stops at
+        (Qwen2.5 lists <|endoftext|> beside <|im_end|>)."""
+        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        configured = [configured] if isinstance(configured, int) else list(configured or [])
+        return list(dict.fromkeys([*self.renderer(adapter).stop_ids(), *configured]))
+
     def add_mix(self, weights: dict[str, float], name: str = MIX) -> None:
         """One more adapter: the weighted combination of loaded ones, prompted as its first member."""
         unknown = [adapter for adapter in weights if adapter not in self.styles]
@@ -167,7 +174,7 @@ class Session:
             input_ids=input_ids,
             attention_mask=attention,
             **sampling.generate_kwargs(),
-            eos_token_id=self.renderer(adapter).stop_ids(),  # every end of turn the template uses, and EOS
+            eos_token_id=self.stop_ids(adapter),
             pad_token_id=pad,
             streamer=streamer,
         )

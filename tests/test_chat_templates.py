@@ -169,11 +169,6 @@ def test_a_template_that_refuses_the_role_order_raises_one_error_in_its_own_word
     assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a reply split over two assistant messages is refused ('does not end with an end-of-turn "
-    "token ... the template writes ...'); mistral-common and its template join them into one turn",
-)
 def test_assistant_messages_in_a_row_are_learned_as_mistral_common_joins_them(real_tokenizer_root):
     tokenizer = load_real_tokenizer("sentencepiece-v3", real_tokenizer_root)
     template, training, _ = mistral_reference("sentencepiece-v3")

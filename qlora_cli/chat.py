@@ -233,9 +233,10 @@ def encode_conversation(
             end_token = _end_of_turn(text, offsets, control, tokens[-1], replies) if tokens else None
         if end_token is None:
             after = text[turn.end : turn.end + 30]
+            written = f"writes {after!r} after it" if after else "ends the text there"
             raise QloraError(
                 f"assistant turn (message {turn.index + 1}) does not end with an end-of-turn token: the "
-                f"{template.name} template writes {after!r} after it, so the adapter would never learn to stop. "
+                f"{template.name} template {written}, so the adapter would never learn to stop. "
                 "Make the template write one after each assistant message (e.g. {{ eos_token }})"
             )
         labels[tokens[0] : end_token + 1] = ids[tokens[0] : end_token + 1]

@@ -456,6 +456,52 @@ def evaluate(
     _print(evaluate_stage.render(evaluation))
 
 
+@app.command()
+def serve(
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adapter", "-a", help="Adapter name or folder; repeat. Default: every adapter in the adapters home."
+        ),
+    ] = None,
+    base: BaseOpt = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 opens the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key", envvar="QLORA_API_KEY", help="Key every request must send (Bearer); env QLORA_API_KEY."
+        ),
+    ] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Requests generated together in one batch.")] = 16,
+    queue: Annotated[int, typer.Option(min=1, help="Requests that may wait; beyond, 503.")] = 64,
+    batching: Annotated[
+        str,
+        typer.Option(
+            help="mixed: requests for different adapters share a batch; switch: one request at a time, switching adapters."
+        ),
+    ] = "mixed",
+    max_body: Annotated[int, typer.Option(min=1024, help="Largest request body, in bytes; beyond, 413.")] = 1 << 20,
+    adapters_dir: AdaptersDirOpt = None,
+) -> None:
+    """Serve the base and its adapters on an OpenAI-compatible endpoint: `model` picks the adapter.
+
+    Examples:
+      qlora serve                                   # every adapter in ./adapters, on 127.0.0.1:8000
+      qlora serve -a sql -a json --port 8080 --api-key $KEY
+      curl localhost:8000/v1/models
+    """
+    if batching not in ("mixed", "switch"):
+        raise QloraError(f"--batching {batching!r}: use mixed or switch")
+    from qlora_cli import serve as serve_stage
+
+    catalog = serve_stage.open_catalog(
+        adapter or [], base=base, home=adapters_dir, max_batch=max_batch, queue_size=queue, mixed=batching == "mixed"
+    )
+    served = serve_stage.run(catalog, host=host, port=port, api_key=api_key, max_body=max_body)
+    typer.echo(served.render(), err=True)
+
+
 recipes_app = typer.Typer(help="The recipes that ship with qlora: starting points for your own.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
 RecipeNameArg = Annotated[str, typer.Argument(help="Recipe name, e.g. mistral7b-alpaca.")]

@@ -201,6 +201,14 @@ def as_prompt_completion(row: Mapping, style: Style) -> tuple[str, str]:
     return rendered["prompt"], rendered["completion"]
 
 
+def alpaca_question(messages: list[Mapping]) -> dict[str, str]:
+    """A conversation asked of an alpaca-template adapter: its last user message, read back the way an alpaca
+    row is written as one (instruction, then a blank line and the input)."""
+    asked = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
+    instruction, _, context = asked.partition("\n\n")
+    return {"instruction": instruction, "input": context}
+
+
 class Renderer:
     """One adapter's Style applied with one tokenizer: training examples, generation prompts, stop ids."""
 
@@ -241,8 +249,7 @@ class Renderer:
         if self.style.is_chat:
             tools = row.get("tools") if isinstance(row.get("tools"), list) else None
             return chat.prompt_ids(self.style.chat_template(), self.tokenizer, self.conversation(row), tools=tools)
-        prompt = as_prompt_completion({"output": "", **row} if "instruction" in row else row, self.style)[0]
-        return self.tokenizer(prompt, add_special_tokens=True, split_special_tokens=True)["input_ids"]
+        return self.tokenizer(self.prompt_text(row), add_special_tokens=True, split_special_tokens=True)["input_ids"]
 
     def prompt_text(self, row: Mapping) -> str:
         """The prompt as text, for people to read."""
@@ -250,6 +257,8 @@ class Renderer:
             return chat.render_marked(
                 self.style.chat_template(), self.tokenizer, self.conversation(row), add_generation_prompt=True
             )[0]
+        if "messages" in row:
+            row = alpaca_question(row["messages"])
         return as_prompt_completion({"output": "", **row} if "instruction" in row else row, self.style)[0]
 
     def stop_ids(self) -> list[int]:

@@ -107,10 +107,14 @@ def create_app(catalog: Catalog, *, api_key: str | None = None, max_body: int = 
         return refusal(401, "a valid API key is needed: Authorization: Bearer KEY")
 
     async def read(request: Request, schema: type[BaseModel]) -> BaseModel | JSONResponse:
-        try:
-            raw = await request.body()
-        except HTTPException as error:  # Starlette's body limit
-            return refusal(error.status_code, f"request body over {max_body} bytes")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body:
+            return refusal(413, f"request body of {declared} bytes is over the limit of {max_body}")
+        raw = bytearray()
+        async for piece in request.stream():  # counted as it comes: a body without Content-Length is bounded too
+            raw += piece
+            if len(raw) > max_body:
+                return refusal(413, f"request body over the limit of {max_body} bytes")
         try:
             body = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -258,7 +262,6 @@ def create_app(catalog: Catalog, *, api_key: str | None = None, max_body: int = 
             Route("/v1/completions", completions, methods=["POST"]),
         ],
         exception_handlers={HTTPException: http_error},
-        max_body_size=max_body,
     )
 
 

@@ -482,6 +482,12 @@ def serve(
         ),
     ] = "mixed",
     max_body: Annotated[int, typer.Option(min=1024, help="Largest request body, in bytes; beyond, 413.")] = 1 << 20,
+    print_vllm: Annotated[
+        bool,
+        typer.Option(
+            "--print-vllm", help="Check the adapters for vLLM and SGLang and print the commands that serve them there."
+        ),
+    ] = False,
     adapters_dir: AdaptersDirOpt = None,
 ) -> None:
     """Serve the base and its adapters on an OpenAI-compatible endpoint: `model` picks the adapter.
@@ -490,7 +496,16 @@ def serve(
       qlora serve                                   # every adapter in ./adapters, on 127.0.0.1:8000
       qlora serve -a sql -a json --port 8080 --api-key $KEY
       curl localhost:8000/v1/models
+      qlora serve -a sql -a json --print-vllm        # the vllm serve / sglang commands, after checking the adapters
     """
+    if print_vllm:
+        from qlora_cli import scaleout
+
+        checked = scaleout.handoff(adapter or [], adapters_dir)
+        typer.echo(checked.render())
+        if not checked.servable:
+            raise typer.Exit(ExitCode.USER_ERROR)
+        return
     if batching not in ("mixed", "switch"):
         raise QloraError(f"--batching {batching!r}: use mixed or switch")
     from qlora_cli import serve as serve_stage

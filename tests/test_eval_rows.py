@@ -186,8 +186,8 @@ def test_unknown_words_are_named_on_a_word_level_tokenizer(real_tokenizer):
     tiny = AutoTokenizer.from_pretrained(TINY / "base")
     text = "How many Zorblax have a genre of poetry? List the Zorblax and Quuxes."
     assert unknown_words(tiny, text) == ["Zorblax", "Quuxes"]
-    # The vocabulary holds the demo data's words only: 'poetry', but not 'Poetry'.
-    assert unknown_words(tiny, "How many books have a genre of Poetry?") == ["Poetry"]
+    # The vocabulary holds the demo's words as written and with a capital: 'poetry', 'Poetry', not 'POETRY'.
+    assert unknown_words(tiny, "How many books have a genre of POETRY?") == ["POETRY"]
     assert unknown_words(tiny, "How many books have a genre of poetry?") == []
     assert unknown_words(real_tokenizer, text) == []  # byte fallback and byte-level BPE represent every word
 

@@ -5,9 +5,10 @@ mostly copying — table names, columns and values into SQL, words of a sentence
 randomly initialised base has no copying circuit for a LoRA adapter to steer: on frozen random
 weights the adapter learns the output template but gets ~0% exact match. So the base gets a short
 pretraining on task-free skills (see `tools.world`): first copy drills over every word of
-the demo, then SQL and JSON over *made-up* tables, keys and values, in another phrasing and
-another layout than the demo tasks, and last a short run that adds synonyms ("highest" next to
-"maximum"), the word knowledge any pretrained model brings. The base then fails the demo tasks on
+the demo and the common words of questions, then SQL and JSON over *made-up* tables, keys and
+values, in another phrasing and another layout than the demo tasks, and made-up conversations in
+the chat frame; last a short run that adds synonyms ("highest" next to "maximum") and freely
+phrased requests, the word knowledge any pretrained model brings. The base then fails the demo tasks on
 its own (0% exact match), and an adapter trained for four CPU minutes masters them (over 90%):
 the adapter, not the base, is what learns the task.
 
@@ -186,9 +187,10 @@ offline for the `qlora` demo by `python -m tools.pretrain`. It was pretrained on
 
 {done}
 
-So it can copy words, knows the alpaca frame, SQL and JSON syntax and what words like "highest" or
-"below" ask of a query, but cannot do the demo's `sql` and `json` tasks: a QLoRA adapter is what
-teaches them. Weights are stored in bfloat16; `pretraining.json` holds the figures above.
+So it can copy words, knows the alpaca frame and the chat frame (ChatML: `<|im_start|>`/`<|im_end|>`
+are special tokens, `chat_template.jinja` is the template), SQL and JSON syntax and what words like
+"highest", "below" or "per" ask of a query, but cannot do the demo's `sql`, `json` and `orders` tasks:
+a QLoRA adapter is what teaches them. Weights are stored in bfloat16; `pretraining.json` holds the figures above.
 
 Rebuild from the repository root (data, then model; the step limits end each run before its time budget does, so the weights
 are reproducible; on a busy machine pass `--threads 1`, and a larger `--minutes` if a run hits it):
@@ -201,11 +203,11 @@ are reproducible; on a busy machine pass `--threads 1`, and a larger `--minutes`
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build and pretrain the tiny demo base model.")
     parser.add_argument("--out", default="recipes/tiny/base", help="folder for the model and tokenizer")
-    parser.add_argument("--minutes", type=float, default=12, help="wall-clock budget of each of the two runs")
-    parser.add_argument("--steps", type=int, default=1400, help="step limit (batches of 4 x 256 tokens)")
+    parser.add_argument("--minutes", type=float, default=20, help="wall-clock budget of each of the two runs")
+    parser.add_argument("--steps", type=int, default=1500, help="step limit (batches of 4 x 256 tokens)")
     parser.add_argument("--texts", type=int, default=20000, help="texts to generate per pretraining stage")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads; use 1 on a busy machine")
-    parser.add_argument("--synonym-steps", type=int, default=400, help="step limit of the last stage (synonyms)")
+    parser.add_argument("--synonym-steps", type=int, default=450, help="step limit of the last stage (synonyms)")
     parser.add_argument(
         "--start-from", metavar="DIR", help="a base this script saved: run only the synonym stage on it"
     )
@@ -223,11 +225,14 @@ def main(argv: list[str] | None = None) -> None:
     else:
         stage_texts = [world.copy_texts(args.texts, seed=SEED), world.pretraining_texts(args.texts, seed=SEED + 1)]
         dataset_texts = [
-            render_prompt(row["instruction"], row["input"]) + row["output"]
+            world.render_chat(row["messages"])
+            if "messages" in row
+            else render_prompt(row["instruction"], row["input"]) + row["output"]
             for rows in world.dataset_rows().values()
             for row in rows
         ]
-        tokenizer = build_tokenizer([text for texts in stage_texts for text in texts] + dataset_texts)
+        vocabulary = [text for texts in stage_texts for text in texts] + dataset_texts + [" ".join(world.all_words())]
+        tokenizer = build_tokenizer(vocabulary, chat=True)
         stages = [_packed_blocks(tokenizer, texts) for texts in stage_texts]
         config = model_config(tokenizer)
         model = MistralForCausalLM(config)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import openai
 import pytest
-import torch
-from helpers import QLORA, TINY, free_port, read_until
+from helpers import QLORA, free_port, read_until
 
+from benchmarks.bench_serve import synthetic_adapter
 from qlora_cli.generate import BASE, open_session
 from qlora_cli.serve import Busy, Engine, Job, collect
 
@@ -20,25 +20,11 @@ API_KEY = "test-key"
 PROMPTS = ["Repeat the input.", "Copy the input exactly.", "Quote each word of the input."]
 
 
-def make_adapter(folder: Path, seed: int) -> Path:
-    """A LoRA adapter on the tiny base with random (non-zero) B: each seed answers differently."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(TINY / "base", dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
-    peft_model = get_peft_model(model, config)
-    peft_model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(TINY / "base").save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def home(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("serve-home")
     for seed, name in enumerate(("red", "blue")):
-        make_adapter(folder / name, seed)
+        synthetic_adapter(folder / name, seed)
     return folder
 
 

@@ -525,7 +525,7 @@ def show_dry_run(
     example = shown_example(data.train)
     turns = learned_segments(example["labels"])
     kind = "multi-turn " if len(turns) > 1 else ""
-    console.rule(f"first {kind}training example (dim: context, no loss; green: learned)")
+    console.rule(f"a {kind}training example (dim: context, no loss; green: learned)")
     console.print(loss_mask_text(tokenizer, example["input_ids"], example["labels"]))
     learned = sum(1 for label in example["labels"] if label != IGNORE_INDEX)
     stop_ids = Renderer(data.style, tokenizer).stop_ids()
@@ -594,12 +594,10 @@ def learned_segments(labels: list[int]) -> list[tuple[int, int]]:
 
 
 def shown_example(dataset: Dataset, looked_at: int = 200) -> dict:
-    """The example a dry run shows: the first with more than one learned turn, among the first `looked_at`, so
-    a multi-turn mask is seen when the data has one; else the first."""
-    for index in range(min(len(dataset), looked_at)):
-        if len(learned_segments(dataset[index]["labels"])) > 1:
-            return dataset[index]
-    return dataset[0]
+    """The example a dry run shows: among the first `looked_at`, the first with the most learned turns, so
+    that a multi-turn mask is seen when the data has one."""
+    turns = [len(learned_segments(dataset[index]["labels"])) for index in range(min(len(dataset), looked_at))]
+    return dataset[turns.index(max(turns))]
 
 
 def loss_mask_text(tokenizer, input_ids: list[int], labels: list[int]) -> Text:

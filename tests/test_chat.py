@@ -214,7 +214,7 @@ def test_the_dry_run_shows_a_three_turn_mask_with_every_end_of_turn_learned(tmp_
     code, out, err = run_cli(["train", str(recipe), "--dry-run"])
     assert code == 0, err
     shown = " ".join(out.split())
-    assert "first multi-turn training example" in shown
+    assert "a multi-turn training example" in shown
     assert "in 3 learned span(s); 3 of 3 end with a learned EOS (</s>)" in shown
 
 

@@ -161,6 +161,8 @@ def row_problem(row: object, data_format: str = "alpaca") -> str | None:
         return f"expected an object with {'/'.join(FORMAT_FIELDS[data_format])}, got {type(row).__name__}"
     if data_format in CONVERSATIONAL:
         return conversation_problem(row, data_format)
+    if data_format == "prompt_completion" and isinstance(row.get("prompt"), list):
+        return "prompt and completion are message lists: write the conversation as one messages list (format: messages)"
     missing = [
         field for field in FORMAT_FIELDS[data_format] if not isinstance(row.get(field), str) or not row[field].strip()
     ]

@@ -183,17 +183,10 @@ def test_an_adapter_trained_while_serving_is_served_and_one_for_another_base_is_
         shutil.rmtree(other)
 
 
-def test_sigterm_finishes_the_request_in_flight_and_exits_0(home):
-    port = free_port()
-    process = subprocess.Popen(
-        [*QLORA, "serve", "--adapters-dir", str(home), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    read_until(process.stdout, "serving")
-    api = client(f"http://127.0.0.1:{port}")
-    stream = api.completions.create(model="red", prompt="red blue", max_tokens=40, temperature=0, stream=True)
+def test_sigterm_finishes_the_request_in_flight_and_exits_0(server):
+    """Last in this file: it stops the module's server."""
+    process, url = server
+    stream = client(url).completions.create(model="red", prompt="red blue", max_tokens=40, temperature=0, stream=True)
     chunks = iter(stream)
     first = next(chunks)  # generating now
     process.send_signal(signal.SIGTERM)

@@ -248,7 +248,13 @@ def create_app(catalog: Catalog, *, api_key: str | None = None, max_body: int = 
         if (denied := unauthorized(request)) is not None:
             return denied
         return JSONResponse(
-            {"status": "ok", "waiting": engine.waiting, "batches": engine.batches, "requests": engine.rows}
+            {
+                "status": "ok",
+                "waiting": engine.waiting,
+                "batches": engine.batches,
+                "requests": engine.rows,
+                "cancelled": engine.cancelled,
+            }
         )
 
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:

@@ -169,6 +169,7 @@ class Engine:
     _thread: threading.Thread | None = None
     batches: int = 0  # generate calls made, for the benchmark and the health endpoint
     rows: int = 0
+    cancelled: int = 0  # requests whose client left before the answer was done
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._work, name="qlora-serve", daemon=True)
@@ -243,6 +244,7 @@ class Engine:
         for job in batch:
             if job.cancelled:
                 job.finish("cancelled")
+                self.cancelled += 1
         batch = [job for job in batch if job.finish_reason is None]
         if not batch:
             return
@@ -291,6 +293,7 @@ class Engine:
                     job.emit("error", message)
         self.batches += 1
         self.rows += len(batch)
+        self.cancelled += sum(job.finish_reason == "cancelled" for job in batch)
 
 
 @dataclass

@@ -158,7 +158,7 @@ def test_merged_model_scores_what_the_adapter_scores(trained_adapters, session, 
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # plain transformers: no lock-in
     adapter_score, adapter_answers = exact_match(session, SQL, "sql")
     merged_session = type(session)(
-        model=merged, tokenizer=session.tokenizer, base_id="merged", templates={"sql": "alpaca"}
+        model=merged, tokenizer=session.tokenizer, base_id="merged", styles={"sql": session.style("sql")}
     )
     merged_score, merged_answers = exact_match(merged_session, SQL, "sql")
     assert merged_score == adapter_score

@@ -87,8 +87,8 @@ def test_the_reported_final_loss_is_where_the_curve_ends(trained_adapters):
     assert losses[-1] == (metrics["steps"], metrics["train_loss"]), "the last step is logged, and it is the final loss"
     first = losses[-2][0] + 1  # the logged loss is the mean over the steps since the log before
     assert metrics["train_loss_steps"] == [first, metrics["steps"]]
-    # The average over a run that learned sits far above where it ended (the demo: 0.26 against 0.01).
-    assert metrics["mean_train_loss"] > 3 * metrics["train_loss"]
+    # The average over a run that learned sits far above where it ended (two epochs of the demo: 0.60 against 0.24).
+    assert metrics["mean_train_loss"] > 2 * metrics["train_loss"]
     report_line = f"final train loss (mean of steps {first}-{metrics['steps']}): {metrics['train_loss']}"
     assert report_line in (run_dir / "report.md").read_text()
     adapter = json.loads((trained_adapters / "sql" / "qlora.json").read_text())

@@ -86,6 +86,63 @@ def test_a_full_queue_refuses_at_once_instead_of_waiting():
     asyncio.run(main())
 
 
+def health(url: str) -> dict:
+    import urllib.request
+
+    request = urllib.request.Request(f"{url}/health", headers={"Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(request) as response:
+        return json.loads(response.read())
+
+
+def wait_for(condition, what: str, seconds: float = 120) -> None:
+    """Poll until `condition()` holds: the event the test waits for. The bound only turns a hang into a failure."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"never saw {what}")
+        time.sleep(0.02)
+
+
+def test_a_full_queue_answers_503_and_a_client_that_leaves_frees_its_slot(home):
+    import threading
+
+    import uvicorn
+
+    from qlora_cli.api import create_app
+    from qlora_cli.serve import Catalog
+
+    session = open_session(["red", "blue"], home=str(home))
+    engine = Engine(session, queue_size=2)  # not started yet: requests wait in the queue
+    catalog = Catalog(engine, base_id=session.base_id, fingerprint="", home=str(home), watch=False)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(catalog, api_key=API_KEY), port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: server.started, "the server start")
+    api = client(url)
+    ask = {"model": "red", "messages": [{"role": "user", "content": "Repeat the input.\n\nred"}], "max_tokens": 8}
+    # A streaming client that leaves: its request is marked, and the engine drops it instead of generating.
+    api.chat.completions.create(**ask, stream=True).close()
+    wait_for(lambda: engine.waiting == 1 and engine._waiting[0].cancelled, "the stream's request marked as left")
+    first: list = []
+    waiting = threading.Thread(target=lambda: first.append(api.chat.completions.create(**ask)))
+    waiting.start()
+    wait_for(lambda: health(url)["waiting"] == 2, "the second request queued")
+    with pytest.raises(openai.InternalServerError) as refused:
+        api.chat.completions.create(**ask)
+    assert refused.value.status_code == 503 and refused.value.response.headers["x-should-retry"] == "false"
+    engine.start()
+    waiting.join()
+    assert first[0].choices[0].message.content is not None
+    assert health(url)["cancelled"] == 1
+    mixed = api.chat.completions.create(**{**ask, "model": "mix:red=0.5,blue=0.5"})  # built on first use
+    assert mixed.model == "mix:red=0.5,blue=0.5" and mixed.choices[0].message.content is not None
+    server.should_exit = True
+    engine.stop()
+
+
 @pytest.fixture(scope="module")
 def server(home):
     """`qlora serve` on the two adapters, with an API key, in its own process; stopped with SIGTERM."""

@@ -203,15 +203,20 @@ def create_app(catalog: Catalog, *, api_key: str | None = None, max_body: int = 
             {"id": made, "object": obj, "created": created, "model": parsed.model, "choices": [choice], "usage": usage}
         )
 
-    async def chat_completions(request: Request):
+    async def accepted(request: Request, schema: type[Sampled]) -> tuple[Sampled, str] | JSONResponse:
+        """The checked request and the adapter it routes to, or the refusal: key, body, then model."""
         if (denied := unauthorized(request)) is not None:
             return denied
-        parsed = await read(request, ChatRequest)
+        parsed = await read(request, schema)
         if isinstance(parsed, JSONResponse):
             return parsed
         adapter = await route(parsed)
-        if isinstance(adapter, JSONResponse):
-            return adapter
+        return adapter if isinstance(adapter, JSONResponse) else (parsed, adapter)
+
+    async def chat_completions(request: Request):
+        if isinstance(checked := await accepted(request, ChatRequest), JSONResponse):
+            return checked
+        parsed, adapter = checked
         messages = [
             {"role": "system" if message.role == "developer" else message.role, "content": message.text}
             for message in parsed.messages
@@ -226,14 +231,9 @@ def create_app(catalog: Catalog, *, api_key: str | None = None, max_body: int = 
         return job if isinstance(job, JSONResponse) else await respond(parsed, job, "chat")
 
     async def completions(request: Request):
-        if (denied := unauthorized(request)) is not None:
-            return denied
-        parsed = await read(request, CompletionRequest)
-        if isinstance(parsed, JSONResponse):
-            return parsed
-        adapter = await route(parsed)
-        if isinstance(adapter, JSONResponse):
-            return adapter
+        if isinstance(checked := await accepted(request, CompletionRequest), JSONResponse):
+            return checked
+        parsed, adapter = checked
         prompt = parsed.prompt if isinstance(parsed.prompt, str) else parsed.prompt[0]
         prompt_ids = session.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         job = await start(parsed, prompt_ids, adapter)

@@ -494,18 +494,11 @@ def _orders_conversation(rng: random.Random) -> dict:
 
 def orders_rows(split: str, n: int, seed: int) -> list[dict]:
     """`n` distinct orders conversations of `split` (2 to 4 user turns each)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    rng = random.Random(seed)
-    rows, seen = [], set()
-    while len(rows) < n:
-        row = _orders_conversation(rng)
-        key = json.dumps([m["content"] for m in row["messages"] if m["role"] == "user"])
-        if key in seen or _split_of(key, "orders") != split:
-            continue
-        seen.add(key)
-        rows.append(row)
-    return rows
+
+    def key(row: dict) -> tuple[str, str]:
+        return json.dumps([m["content"] for m in row["messages"] if m["role"] == "user"]), "orders"
+
+    return _unique_rows(_orders_conversation, split, n, seed, key)
 
 
 # The common English words of questions and requests, beyond those the task rows happen to use: a word
@@ -811,17 +804,17 @@ def _varied_sql_example(rng: random.Random, tables: Tables) -> tuple[str, str, s
     return _surface(rng, " ".join(question.split())), _schema(t, columns), query
 
 
-def _unique_rows(make, split: str, n: int, seed: int) -> list[dict]:
+def _unique_rows(make, split: str, n: int, seed: int, key=lambda row: (row["instruction"], row["input"])) -> list[dict]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rng = random.Random(seed)
     rows, seen = [], set()
     while len(rows) < n:
         row = make(rng)
-        key = (row["instruction"], row["input"])
-        if key in seen or _split_of(*key) != split:
+        identity = key(row)
+        if identity in seen or _split_of(*identity) != split:
             continue
-        seen.add(key)
+        seen.add(identity)
         rows.append(row)
     return rows
 

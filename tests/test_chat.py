@@ -81,6 +81,7 @@ def chat_recipe(tmp_path: Path, rows: list, *, name: str = "chat", template: str
     ("data_format", "template", "trained_template"),
     [
         ("messages", "frame.jinja", "frame.jinja"),
+        ("messages", None, "chat"),  # the tiny base's own ChatML template, the default for conversations
         ("sharegpt", "frame.jinja", "frame.jinja"),
         ("prompt_completion", None, "none"),
         ("text", None, "none"),
@@ -92,9 +93,12 @@ def test_each_format_trains_the_tiny_base(tmp_path, run_cli, data_format, templa
     code, _, err = run_cli(["train", str(recipe), "--adapters-dir", str(tmp_path / "adapters")])
     assert code == 0, err
     record = AdapterRecord.load(tmp_path / "adapters" / "chat")
-    assert (record.format, record.template, record.end_of_turn) == (data_format, trained_template, ["</s>"])
+    end_of_turn = ["<|im_end|>", "</s>"] if trained_template == "chat" else ["</s>"]
+    assert (record.format, record.template, record.end_of_turn) == (data_format, trained_template, end_of_turn)
     if template is not None:  # the exact text trained with travels with the adapter
         assert record.template_text == FRAME and record.style.template_sha256 == record.template_sha256
+    if trained_template == "chat":
+        assert record.template_text == (TINY / "base" / "chat_template.jinja").read_text()
 
 
 ROLE_ORDER_TEMPLATE = (

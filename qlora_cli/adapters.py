@@ -35,6 +35,7 @@ HOME_ENV = "QLORA_ADAPTERS_DIR"
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
+
 DEFAULT_HOME = "adapters"  # relative to the working directory, like the runs/ folder beside it
 VERSIONED = ("qlora-cli", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate")
 

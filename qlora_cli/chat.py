@@ -310,6 +310,11 @@ def end_of_turn_ids(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase) 
     return list(dict.fromkeys([*found, tokenizer.eos_token_id]))
 
 
+def last_content(messages: Sequence[Mapping], role: str) -> str:
+    """The text of the last `role` message ("" when there is none)."""
+    return next((m.get("content") or "" for m in reversed(messages) if m.get("role") == role), "")
+
+
 def with_system(messages: list[dict], system: str | None) -> list[dict]:
     """`system` in front of a conversation that has no system message of its own."""
     if system is None or (messages and messages[0].get("role") == "system"):

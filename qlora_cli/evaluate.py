@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from qlora_cli.adapters import AdapterRecord
+from qlora_cli.chat import last_content
 from qlora_cli.data import IGNORE_INDEX, RowFile, check_data, listed_rows
 from qlora_cli.errors import QloraError
 from qlora_cli.files import prepare_output_file
@@ -371,7 +372,7 @@ def score(session: Session, rows_by_name: dict[str, list[dict]], *, sql: bool = 
 def asked_text(row: dict) -> str:
     """What a row asks, in one line of text: its instruction, prompt, or last user message."""
     if "messages" in row:
-        return next((m.get("content") or "" for m in reversed(row["messages"]) if m.get("role") == "user"), "")
+        return last_content(row["messages"], "user")
     return row.get("instruction") or row.get("prompt") or ""
 
 

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorS
 
 from qlora_cli import adapters
 from qlora_cli.adapters import AdapterRecord, check_one_base
-from qlora_cli.chat import ROLES
+from qlora_cli.chat import ROLES, last_content
 from qlora_cli.errors import QloraError
 from qlora_cli.model import check_device, fingerprint_weights, load_model, load_tokenizer, resolve_model_dir
 from qlora_cli.prompts import Renderer, Style, render_example
@@ -188,7 +188,7 @@ def reference_answer(row: dict, style: Style) -> str:
     """The answer a row holds: the last assistant turn of a conversation, a completion, or an alpaca output
     (for a reverse-task adapter, the instruction)."""
     if "messages" in row:
-        return next((m.get("content") or "" for m in reversed(row["messages"]) if m.get("role") == "assistant"), "")
+        return last_content(row["messages"], "assistant")
     if "completion" in row:
         return row["completion"]
     if "output" not in row:

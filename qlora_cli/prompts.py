@@ -204,7 +204,7 @@ def as_prompt_completion(row: Mapping, style: Style) -> tuple[str, str]:
 def alpaca_question(messages: list[Mapping]) -> dict[str, str]:
     """A conversation asked of an alpaca-template adapter: its last user message, read back the way an alpaca
     row is written as one (instruction, then a blank line and the input)."""
-    asked = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
+    asked = chat.last_content(messages, "user")
     instruction, _, context = asked.partition("\n\n")
     return {"instruction": instruction, "input": context}
 

@@ -220,10 +220,11 @@ def encode_conversation(
     learned = assistant[-1:] if train_on == "last" else assistant
     labels = list(ids) if train_on == "all" else [IGNORE_INDEX] * len(ids)
     ends = []
+    # A call is the template's rendering of structured data: learned up to the template's end of turn,
+    # found once per conversation (it renders a probe conversation).
+    stops = set(end_of_turn_ids(template, tokenizer)) if calls else set()
     for turn in learned:
         if turn in calls:
-            # The call is the template's rendering of structured data: learned up to the template's end of turn.
-            stops = set(end_of_turn_ids(template, tokenizer))
             first = next((i for i, (start, _) in enumerate(offsets) if start >= turn.start), len(ids))
             end_token = next((i for i in range(first, len(ids)) if control[i] and ids[i] in stops), None)
             tokens = list(range(first, (end_token or first) + 1))

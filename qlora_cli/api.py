@@ -138,6 +138,7 @@ def create_app(catalog: Catalog, *, api_key: str | None = None, max_body: int = 
             seed=parsed.seed,
             stop=parsed.stops,
             loop=asyncio.get_running_loop(),
+            stream=parsed.stream,
         )
         try:
             engine.submit(job)
@@ -154,10 +155,14 @@ def create_app(catalog: Catalog, *, api_key: str | None = None, max_body: int = 
     async def respond(parsed: Sampled, job: Job, kind: str) -> JSONResponse | StreamingResponse:
         made, created = new_id("chatcmpl" if kind == "chat" else "cmpl"), int(time.time())
         if parsed.stream:
+            role_sent = False  # OpenAI names the role in a stream's first delta only
 
             def chunk(text: str | None, finish: str | None) -> dict:
+                nonlocal role_sent
                 if kind == "chat":
-                    delta = {"role": "assistant", "content": text} if text is not None else {}
+                    delta = {} if text is None else {"content": text}
+                    if not role_sent:
+                        delta, role_sent = {"role": "assistant", **delta}, True
                     choice = {"index": 0, "delta": delta, "finish_reason": _finish(finish)}
                     return {
                         "id": made,

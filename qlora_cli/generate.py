@@ -57,6 +57,7 @@ class Session:
     tokenizer: PreTrainedTokenizerBase
     base_id: str
     styles: dict[str, Style] = field(default_factory=dict)  # how each adapter was trained to be prompted
+    fingerprint: str = ""  # of the base's weights: an adapter loaded later must have been trained on them
     _renderers: dict[str, Renderer] = field(default_factory=dict, repr=False)
 
     @property
@@ -271,6 +272,7 @@ def open_session(
         tokenizer=tokenizer,
         base_id=section.id,
         styles={record.folder.name: record.style for record in records.values()},
+        fingerprint=fingerprint,
     )
     if mix:
         session.add_mix({records[ref].folder.name: weight for ref, weight in mix.items()})

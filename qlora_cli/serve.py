@@ -56,6 +56,7 @@ class Job:
     seed: int | None
     stop: tuple[str, ...]
     loop: asyncio.AbstractEventLoop
+    stream: bool = False  # hand text over as it comes; otherwise once, when the job is done
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # the client went away: its row stops at the next token
     tokens: list[int] = field(default_factory=list)
@@ -121,7 +122,7 @@ class RowStreamer(BaseStreamer):
         # Hold back what could be the start of a stop string, so that a stop string is never sent.
         held = max((len(stop) - 1 for stop in job.stop), default=0)
         ready = max(job.sent, len(text) - held)
-        if ready > job.sent:
+        if ready > job.sent and job.stream:
             job.emit("delta", text[job.sent : ready])
             job.sent = ready
         if len(job.tokens) >= job.max_tokens:
@@ -159,20 +160,28 @@ class Engine:
     max_batch: int = 16
     queue_size: int = 64
     mixed: bool = True
-    # How long a batch waits for more requests before it starts: clients answered by the last batch send
-    # their next request within milliseconds, and a batch that starts without them runs half empty.
+    # A batch waits for more requests while they keep coming (`window_s` at most between two of them), and
+    # until as many have come as the last batch answered, `gather_s` in all: clients answered by the last
+    # batch send their next request within milliseconds, and a batch that starts without them runs half
+    # empty while they wait for the next one.
     window_s: float = 0.01
+    gather_s: float = 0.1
     _waiting: collections.deque = field(default_factory=collections.deque)
     _calls: collections.deque = field(default_factory=collections.deque)
     _ready: threading.Condition = field(default_factory=threading.Condition)
+    _arrived: int = 0  # requests submitted so far, to tell whether more came in during a wait
+    _answered: int = 0  # rows of the last batch: about how many clients will be back at once
     _stopping: bool = False
+    _owner: threading.Thread | None = None  # the thread running `work`, the only one that touches the model
     _thread: threading.Thread | None = None
     batches: int = 0  # generate calls made, for the benchmark and the health endpoint
     rows: int = 0
     cancelled: int = 0  # requests whose client left before the answer was done
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._work, name="qlora-serve", daemon=True)
+        """Work on a thread of its own (for a server embedded in another program; `qlora serve` works on
+        its main thread, where PyTorch's CPU kernels run fastest)."""
+        self._thread = threading.Thread(target=self.work, name="qlora-serve", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
@@ -182,18 +191,23 @@ class Engine:
             if len(self._waiting) >= self.queue_size:
                 raise Busy(f"{len(self._waiting)} requests are already waiting")
             self._waiting.append(job)
+            self._arrived += 1
             self._ready.notify()
 
     def call(self, function: Callable[[Session], object]) -> concurrent.futures.Future:
-        """Run `function(session)` on the worker thread between batches (loading an adapter, building a mix)."""
+        """Run `function(session)` on the working thread between batches (loading an adapter, building a
+        mix); at once when no thread works yet or the caller is that thread."""
         future: concurrent.futures.Future = concurrent.futures.Future()
+        if self._owner is None or self._owner is threading.current_thread():
+            _settle(future, function, self.session)
+            return future
         with self._ready:
             self._calls.append((function, future))
             self._ready.notify()
         return future
 
     def stop(self) -> None:
-        """Finish what is queued, then end the thread."""
+        """Finish what is queued, then end `work`."""
         with self._ready:
             self._stopping = True
             self._ready.notify()
@@ -204,28 +218,46 @@ class Engine:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def _work(self) -> None:
-        while True:
-            with self._ready:
-                while not (self._waiting or self._calls or self._stopping):
-                    self._ready.wait()
-                if self._calls:
-                    function, future = self._calls.popleft()
-                    batch = None
-                elif self._waiting:
-                    deadline = time.monotonic() + (self.window_s if self.mixed else 0)
-                    while len(self._waiting) < self.max_batch and (left := deadline - time.monotonic()) > 0:
-                        self._ready.wait(left)
-                    batch = self._take()
+    def work(self, until: Callable[[], bool] = lambda: False) -> None:
+        """Generate batches on the calling thread until `stop` (or `until()` turns true) and the queue is
+        empty. Waits are short, so that a signal handler on the main thread runs between them."""
+        self._owner = threading.current_thread()
+        try:
+            while True:
+                with self._ready:
+                    while not (self._waiting or self._calls):
+                        if self._stopping or until():
+                            return
+                        self._ready.wait(0.2)
+                    if self._calls:
+                        function, future = self._calls.popleft()
+                        batch = None
+                    else:
+                        self._gather()
+                        batch = self._take()
+                if batch is None:
+                    _settle(future, function, self.session)
                 else:
-                    return
-            if batch is None:
-                try:
-                    future.set_result(function(self.session))
-                except BaseException as error:  # noqa: BLE001 - handed to the caller, which raises it
-                    future.set_exception(error)
-                continue
-            self._generate(batch)
+                    self._generate(batch)
+        finally:
+            self._owner = None
+
+    def _gather(self) -> None:
+        """Wait (holding the condition) for the rest of a batch: while requests keep arriving, and while
+        fewer are waiting than the last batch answered, up to a full batch and `gather_s` in all."""
+        if not self.mixed:
+            return
+        started = time.monotonic()
+        expected = min(self.max_batch, max(1, self._answered))
+        while len(self._waiting) < self.max_batch:
+            seen = self._arrived
+            left = started + self.gather_s - time.monotonic()
+            if left <= 0:
+                return
+            coming_back = len(self._waiting) < expected
+            self._ready.wait(left if coming_back else min(self.window_s, left))
+            if self._arrived == seen and not coming_back:  # none came within the window: the burst is over
+                return
 
     def _take(self) -> list[Job]:
         """The oldest waiting job and, when mixing, every other waiting job that can share its batch."""
@@ -293,6 +325,7 @@ class Engine:
                     job.emit("error", message)
         self.batches += 1
         self.rows += len(batch)
+        self._answered = len(batch)
         self.cancelled += sum(job.finish_reason == "cancelled" for job in batch)
 
 
@@ -387,6 +420,13 @@ class Catalog:
         }
 
 
+def _settle(future: concurrent.futures.Future, function: Callable[[Session], object], session: Session) -> None:
+    try:
+        future.set_result(function(session))
+    except BaseException as error:  # noqa: BLE001 - handed to the caller, which raises it
+        future.set_exception(error)
+
+
 def load_adapter(session: Session, folder: Path, style) -> None:
     """One more adapter beside the others (on the worker thread)."""
     name = folder.name
@@ -469,9 +509,8 @@ def open_catalog(
     mixed: bool = True,
 ) -> Catalog:
     """Load the base and the named adapters (none named: every adapter in the home, which must share one
-    base) and start the engine. Adapters that appear in the home later are loaded when first asked for."""
+    base); the engine is started by `run` (or `Engine.start`). Adapters that appear in the home later are loaded when first asked for."""
     from qlora_cli.generate import open_session
-    from qlora_cli.model import fingerprint_weights, resolve_model_dir
 
     watch = not adapter_refs
     if watch:
@@ -492,23 +531,10 @@ def open_catalog(
         else:
             adapter_refs = ["none"]
     session = open_session(adapter_refs, base=base, home=home)
-    section = session_base_section(session, base, adapter_refs, home)
-    fingerprint = fingerprint_weights(resolve_model_dir(section))
     engine = Engine(session, max_batch=max_batch, queue_size=queue_size, mixed=mixed)
-    engine.start()
-    catalog = Catalog(engine, base_id=session.base_id, fingerprint=fingerprint, home=home, watch=watch)
+    catalog = Catalog(engine, base_id=session.base_id, fingerprint=session.fingerprint, home=home, watch=watch)
     catalog.refresh()
     return catalog
-
-
-def session_base_section(session: Session, base: str | None, adapter_refs: list[str], home: str | None):
-    from qlora_cli.generate import load_records
-    from qlora_cli.recipe import ModelSection
-
-    records = load_records(adapter_refs, home=home)
-    if records:
-        return next(iter(records.values())).base_section(base)
-    return ModelSection.model_validate({"id": session.base_id})
 
 
 @dataclass(frozen=True)
@@ -524,7 +550,11 @@ class Served:
 
 
 def run(catalog: Catalog, *, host: str, port: int, api_key: str | None, max_body: int) -> Served:
-    """Serve until SIGTERM or Ctrl-C; requests in flight are finished first."""
+    """Serve until SIGTERM or Ctrl-C; requests in flight are finished first.
+
+    The engine works on this (the main) thread and HTTP runs on another: PyTorch's CPU kernels run about
+    1.6 times slower when called from a second thread (their OpenMP team is the main thread's), and the
+    HTTP side only waits on sockets. The signal handlers are ours, as only the main thread gets signals."""
     import signal
 
     import uvicorn
@@ -542,12 +572,22 @@ def run(catalog: Catalog, *, host: str, port: int, api_key: str | None, max_body
 
     app = create_app(catalog, api_key=api_key, max_body=max_body)
     server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
-    # uvicorn re-raises SIGTERM once its graceful shutdown is done; a handler of our own turns that into a
-    # clean return, so a stopped server exits 0.
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+
+    def shut_down(*_) -> None:
+        # The first signal stops taking requests and finishes those in flight; a second Ctrl-C stops
+        # waiting for them, as uvicorn's own handler does.
+        server.force_exit = server.should_exit
+        server.should_exit = True
+
+    http = threading.Thread(target=server.run, name="qlora-http", daemon=True)
+    previous = {number: signal.signal(number, shut_down) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server.run()
+        http.start()
+        catalog.engine.work(until=lambda: not http.is_alive())
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        catalog.engine.stop()
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    http.join()
+    if not server.started:  # uvicorn has logged why (the port is taken, say)
+        raise QloraError(f"could not serve on {address}")
     return Served(address=address, requests=catalog.engine.rows, batches=catalog.engine.batches)

@@ -59,7 +59,7 @@ def start_server(home: Path, batching: str, port: int) -> subprocess.Popen:
     raise SystemExit(f"qlora serve did not start ({batching})")
 
 
-def ask(url: str, model: str, max_tokens: int) -> tuple[float, int]:
+def ask(url: str, model: str, max_tokens: int, key: str | None = None) -> tuple[float, int]:
     """One chat request: (seconds, generated tokens)."""
     body = {
         "model": model,
@@ -67,9 +67,10 @@ def ask(url: str, model: str, max_tokens: int) -> tuple[float, int]:
         "max_tokens": max_tokens,
         "temperature": 0,
     }
-    request = urllib.request.Request(
-        f"{url}/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(), headers=headers)
     started = time.perf_counter()
     with urllib.request.urlopen(request, timeout=600) as response:
         usage = json.loads(response.read())["usage"]
@@ -99,34 +100,39 @@ def server_rss_mib(process: subprocess.Popen) -> float:
     return kib / 1024
 
 
-def load_test(url: str, models: list[str], process: subprocess.Popen, clients: int, seconds: float) -> dict:
-    """`clients` threads asking without pause for `seconds`: every failure counted, memory read before and after."""
-    before = server_rss_mib(process)
-    deadline = time.perf_counter() + seconds
+def load_test(
+    url: str, models: list[str], process: subprocess.Popen, clients: int, seconds: float, key: str | None = None
+) -> dict:
+    """`clients` threads asking without pause for `seconds`: every failure counted, and the server's memory
+    read at the start and at each quarter of the time."""
+    started = time.perf_counter()
+    deadline = started + seconds
     done, failed = [0], [0]
+    errors: list[str] = []
     lock = threading.Lock()
 
     def client(index: int) -> None:
         while time.perf_counter() < deadline:
             try:
-                ask(url, models[index % len(models)], 16)
+                ask(url, models[index % len(models)], 16, key)
                 outcome = done
-            except Exception:  # noqa: BLE001 - counted: the figure this test reports
+            except Exception as error:  # noqa: BLE001 - counted: the figure this test reports
                 outcome = failed
+                errors.append(f"{type(error).__name__}: {error}")
             with lock:
                 outcome[0] += 1
 
     threads = [threading.Thread(target=client, args=(index,)) for index in range(clients)]
+    memory = [server_rss_mib(process)]
     for thread in threads:
         thread.start()
+    for quarter in (1, 2, 3):
+        time.sleep(max(0.0, started + seconds * quarter / 4 - time.perf_counter()))
+        memory.append(server_rss_mib(process))
     for thread in threads:
         thread.join()
-    return {
-        "requests": done[0],
-        "failed": failed[0],
-        "rss_before_mib": before,
-        "rss_after_mib": server_rss_mib(process),
-    }
+    memory.append(server_rss_mib(process))
+    return {"requests": done[0], "failed": failed[0], "errors": errors[:3], "rss_mib": memory}
 
 
 def main() -> None:
@@ -170,7 +176,7 @@ def main() -> None:
     if load is not None:
         print(
             f"load test: 16 clients for {args.load_seconds:g} s: {load['requests']} requests, {load['failed']} failed; "
-            f"server memory {load['rss_before_mib']:.0f} -> {load['rss_after_mib']:.0f} MiB"
+            f"server memory at each quarter {' -> '.join(f'{mib:.0f}' for mib in load['rss_mib'])} MiB"
         )
     scratch.cleanup()
 

@@ -12,7 +12,7 @@ import openai
 import pytest
 from helpers import QLORA, free_port, read_until
 
-from benchmarks.bench_serve import synthetic_adapter
+from benchmarks.bench_serve import load_test, synthetic_adapter
 from qlora_cli.generate import BASE, open_session
 from qlora_cli.serve import Busy, Engine, Job, collect
 
@@ -175,9 +175,12 @@ def test_the_openai_client_lists_and_asks_the_base_and_each_adapter(server):
         reply = api.chat.completions.create(model=name, messages=question, max_tokens=12, temperature=0)
         assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens > 0
         answers[name] = reply.choices[0].message.content
-        streamed = api.chat.completions.create(model=name, messages=question, max_tokens=12, temperature=0, stream=True)
+        streamed = list(
+            api.chat.completions.create(model=name, messages=question, max_tokens=12, temperature=0, stream=True)
+        )
         pieces = [chunk.choices[0].delta.content or "" for chunk in streamed]
         assert "".join(pieces) == answers[name]  # the stream is the same answer, piece by piece
+        assert [chunk.choices[0].delta.role for chunk in streamed] == ["assistant"] + [None] * (len(streamed) - 1)
     assert len(set(answers.values())) > 1
     text = api.completions.create(model="red", prompt="red blue", max_tokens=5, temperature=0)
     assert text.object == "text_completion" and text.choices[0].text
@@ -238,6 +241,17 @@ def test_an_adapter_trained_while_serving_is_served_and_one_for_another_base_is_
     finally:
         shutil.rmtree(home / "green")
         shutil.rmtree(other)
+
+
+def test_eight_clients_for_six_seconds_lose_no_request_and_the_memory_holds(server):
+    process, url = server
+    before = health(url)["requests"]
+    load = load_test(url, ["red", "blue", "none"], process, clients=8, seconds=6, key=API_KEY)
+    assert load["failed"] == 0, load["errors"]
+    assert health(url)["requests"] - before == load["requests"] > 8
+    assert health(url)["waiting"] == 0
+    # After the first quarter (allocations of the first batches of each size), the memory stays put.
+    assert max(load["rss_mib"][1:]) - load["rss_mib"][1] < 32, load["rss_mib"]
 
 
 def test_sigterm_finishes_the_request_in_flight_and_exits_0(server):

@@ -125,7 +125,7 @@ step_command() {
     # xunit1: the JUnit flavour that keeps what the tests record (losses, differences) as properties.
     gpu-tests) command=("$python" -m pytest -m gpu tests/test_gpu.py tests/test_fastpath.py -p no:cacheprovider -q -o junit_family=xunit1 "--junitxml=$work/pytest.xml") ;;
     plan-memory) command=("$python" -m benchmarks.bench_plan measure --shape "$shape" --json "$work/plan.json") ;;
-    # Three timed optimizer steps of the qlora arm (32k tokens each on mistral7b) after one warm-up: the figures
+    # Two timed optimizer steps of the qlora arm (32k tokens each on mistral7b) after one warm-up: the figures
     # settle there, and the three arms then fit the budget.
     benchmark) command=("$python" -m benchmarks.bench --shape "$shape" --steps 2 --json "$work/bench.json" --markdown "$work/bench.md") ;;
     report) command=("$python" -m benchmarks.bench_plan report "$work" --out "$out_dir" --command "$recorded" --budget "$budget") ;;

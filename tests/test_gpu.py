@@ -183,7 +183,7 @@ def test_merge_on_cuda_is_verified_and_answers_what_the_adapter_answers(
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16, device_map={"": 0})
     name = session.names[1]
     rows, sampling = SQL[:16], Sampling(max_new_tokens=64)
-    alone = Session(model=merged, tokenizer=session.tokenizer, base_id="merged", templates={name: "alpaca"})
+    alone = Session(model=merged, tokenizer=session.tokenizer, base_id="merged", styles={name: session.styles[name]})
     adapter_answers, merged_answers = session.ask(rows, name, sampling), alone.ask(rows, name, sampling)
     agreed = sum(a == b for a, b in zip(adapter_answers, merged_answers))
     record_property("merged_answers", f"{agreed}/{len(rows)} identical to base+adapter")

@@ -208,3 +208,48 @@ def test_a_mix_may_name_adapters_by_folder_path(trained_adapters):
     mixed = open_session([], mix={str(trained_adapters / "sql"): 0.9, "json": 0.1}, home=str(trained_adapters))
     assert mixed.names == [BASE, "sql", "json", "mix"]
     assert mixed.style("mix") == mixed.style("sql")  # prompted as its first member
+
+
+def test_qlora_serve_answers_the_openai_client_as_the_adapters_answer_in_process(trained_adapters, session):
+    """The demo's adapters behind `qlora serve`, asked by the official client from eight threads at once
+    (so the server batches sql, json and base rows together): every answer is the one `qlora generate`
+    gives for the same question."""
+    import signal
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+    from helpers import QLORA, free_port, read_until
+
+    port = free_port()
+    server = subprocess.Popen(
+        [*QLORA, "serve", "--adapters-dir", str(trained_adapters), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        read_until(server.stdout, "serving")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        base_id = client.models.list().data[0].id
+        asks = [(name, row) for name in ("sql", "json", base_id) for row in (SQL[:4] if name != "json" else JSON[:4])]
+
+        def served(ask) -> str:
+            name, row = ask
+            content = f"{row['instruction']}\n\n{row['input']}"
+            reply = client.chat.completions.create(
+                model=name, messages=[{"role": "user", "content": content}], max_tokens=48, temperature=0
+            )
+            return reply.choices[0].message.content
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(served, asks))
+        expected = [
+            session.ask([row], BASE if name == base_id else name, Sampling(max_new_tokens=48))[0] for name, row in asks
+        ]
+        assert answers == expected
+        assert all(answer.startswith("SELECT") for answer in answers[:4])
+        assert all(answer.startswith("{") for answer in answers[4:8])
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=120) == 0

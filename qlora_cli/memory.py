@@ -167,11 +167,23 @@ def targeted_linears(target_modules: list[str] | str) -> list[str]:
     ]
 
 
-def lora_parameters(config: dict, r: int, target_modules: list[str] | str) -> int:
-    """Adapter parameters: r x (in + out) for each adapted linear (A is r x in, B is out x r)."""
+def lora_parameters(config: dict, r: int, target_modules: list[str] | str, *, use_dora: bool = False) -> int:
+    """Adapter parameters: r x (in + out) for each adapted linear (A is r x in, B is out x r), and with DoRA
+    one magnitude per output row."""
     shape = model_shape(config)
     linears = shape.linear_shapes()
-    return shape.layers * sum(r * sum(linears[name]) for name in targeted_linears(target_modules))
+    per_linear = {name: r * sum(linears[name]) + (linears[name][1] if use_dora else 0) for name in linears}
+    return shape.layers * sum(per_linear[name] for name in targeted_linears(target_modules))
+
+
+def dora_weight_bytes(shape: ModelShape, model: ModelSection, lora: LoraSection) -> int:
+    """DoRA's transient peak in each adapted linear: peft dequantizes the base weight (compute dtype), builds
+    B @ A and the sum W + scaling x B @ A (fp32 each) to take the rows' norms. One linear at a time."""
+    if not lora.use_dora:
+        return 0
+    linears = shape.linear_shapes()
+    largest = max(linears[name][0] * linears[name][1] for name in targeted_linears(lora.target_modules))
+    return (BYTES[model.compute_dtype] + 8) * largest
 
 
 def residual_bytes(model: ModelSection) -> int:
@@ -207,7 +219,12 @@ def layer_saved_bytes_per_token(shape: ModelShape, model: ModelSection, lora: Lo
     mlp = 3 * R * f
     mask = 1 if lora.dropout > 0 else 0
     linears = shape.linear_shapes()
-    adapters = sum((s + mask) * linears[name][0] + s * lora.r for name in targeted_linears(lora.target_modules))
+    # DoRA also keeps the base output and the LoRA output (s x out each) to rescale them by the magnitudes.
+    dora = 2 * s if lora.use_dora else 0
+    adapters = sum(
+        (s + mask) * linears[name][0] + s * lora.r + dora * linears[name][1]
+        for name in targeted_linears(lora.target_modules)
+    )
     return norms + attention + mlp + adapters
 
 
@@ -261,6 +278,7 @@ class Estimate:
     layer_activations: int
     dequantized_weight_buffer: int
     lm_head_loss: int
+    dora_weights: int  # DoRA's per-linear weight temporaries (0 without DoRA)
     # What the prediction was made from, so suggestions can re-estimate with one thing changed.
     config: dict = field(repr=False, compare=False)
     recipe: Recipe = field(repr=False, compare=False)
@@ -281,6 +299,7 @@ class Estimate:
             + self.layer_activations
             + self.dequantized_weight_buffer
             + self.lm_head_loss
+            + self.dora_weights
         )
 
     @property
@@ -306,7 +325,7 @@ def estimate(
     counts = count_parameters(config)
     model, train = recipe.model, recipe.train
     tokens = tokens_per_micro_batch or train.batch_size * recipe.data.max_length
-    lora = lora_parameters(config, recipe.lora.r, recipe.lora.target_modules)
+    lora = lora_parameters(config, recipe.lora.r, recipe.lora.target_modules, use_dora=recipe.lora.use_dora)
     if lora == 0:
         raise QloraError(
             f"lora.target_modules: none of {recipe.lora.target_modules} is a linear layer of a {shape.model_type or 'Llama-style'} "
@@ -336,6 +355,7 @@ def estimate(
         layer_activations=layer_activations,
         dequantized_weight_buffer=dequantized_buffer,
         lm_head_loss=lm_head_loss_bytes(shape, model, tokens, fused=fused_lm_head),
+        dora_weights=dora_weight_bytes(shape, model, recipe.lora),
         config=config,
         recipe=recipe,
         tokens_per_micro_batch=tokens,

@@ -68,13 +68,18 @@ VERIFY_INSTRUCTIONS = [
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
+MAGNITUDE = ".lora_magnitude_vector"  # a DoRA adapter's learned row norms, one tensor per adapted module
+
+
 @dataclass(frozen=True)
 class LoraUpdate:
-    """W += scaling * B @ A for one base weight; A and B are keys of the adapter's safetensors."""
+    """W += scaling * B @ A for one base weight; A and B are keys of the adapter's safetensors. With DoRA
+    (`magnitude_key`), each row of the sum is then rescaled to its learned norm."""
 
     a_key: str
     b_key: str
     scaling: float
+    magnitude_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -241,8 +246,6 @@ def check_supported(adapter_config: dict, name: str) -> None:
     problems = []
     if adapter_config.get("peft_type") != "LORA":
         problems.append(f"peft_type {adapter_config.get('peft_type')} (only LoRA merges)")
-    if adapter_config.get("use_dora"):
-        problems.append("DoRA (use_dora: true rescales each weight column by a learned magnitude)")
     if adapter_config.get("lora_bias"):
         problems.append("lora_bias: true")
     if adapter_config.get("fan_in_fan_out"):
@@ -272,6 +275,8 @@ def plan_lora_updates(
     alpha_pattern = adapter_config.get("alpha_pattern") or {}
     updates = {}
     for key in adapter_weights:
+        if key.endswith((MAGNITUDE, f"{MAGNITUDE}.weight")):
+            continue  # read beside its module's lora_A below
         module, dot, kind = key.removeprefix(PEFT_PREFIX).rpartition(".lora_A.")
         if not dot:
             if ".lora_B." not in key:
@@ -291,8 +296,20 @@ def plan_lora_updates(
             )
         r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), adapter_config["r"])
         alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), adapter_config["lora_alpha"])
+        magnitude = next(
+            (
+                name
+                for name in (f"{PEFT_PREFIX}{module}{MAGNITUDE}", f"{PEFT_PREFIX}{module}{MAGNITUDE}.weight")
+                if name in adapter_weights
+            ),
+            None,
+        )
+        if adapter_config.get("use_dora") and magnitude is None:
+            raise QloraError(
+                f"adapter {name!r}: DoRA adapter without a magnitude for {module}; the adapter file is incomplete"
+            )
         updates[target] = LoraUpdate(
-            key, b_key, alpha / math.sqrt(r) if adapter_config.get("use_rslora") else alpha / r
+            key, b_key, alpha / math.sqrt(r) if adapter_config.get("use_rslora") else alpha / r, magnitude
         )
     pairs_b = sum(".lora_B." in key for key in adapter_weights)
     if pairs_b != len(updates):
@@ -357,21 +374,23 @@ def round_trip_4bit(weight: torch.Tensor, spec: Nf4Spec) -> torch.Tensor:
 def merged_weight(
     weight: torch.Tensor,
     *,
-    lora: tuple[torch.Tensor, torch.Tensor, float] | None,
+    lora: tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None] | None,
     nf4: Nf4Spec | None,
     compute_dtype: torch.dtype,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """One base tensor as the merged model stores it; `lora` is (A, B, scaling)."""
+    """One base tensor as the merged model stores it; `lora` is (A, B, scaling, DoRA magnitude or None)."""
     if not weight.is_floating_point():
         return weight
     if nf4 is not None:
         # The 4-bit loader casts the checkpoint to the compute dtype before quantizing it.
         weight = round_trip_4bit(weight.to(compute_dtype), nf4)
     if lora is not None:
-        lora_a, lora_b, scaling = lora
+        lora_a, lora_b, scaling, magnitude = lora
         # In fp32 and in place: W + scaling * B @ A without a second full-size temporary.
         weight = weight.float().addmm_(lora_b.float(), lora_a.float(), alpha=scaling)
+        if magnitude is not None:  # DoRA: each output row takes its learned norm, as peft's merge does
+            weight.mul_((magnitude.float() / torch.linalg.vector_norm(weight, dim=1)).unsqueeze(1))
     return weight.to(out_dtype).contiguous()
 
 
@@ -397,7 +416,14 @@ def merge_shard(
             for key in reader.tensors:
                 update = updates.get(key)
                 lora = (
-                    (adapter_weights[update.a_key], adapter_weights[update.b_key], update.scaling) if update else None
+                    (
+                        adapter_weights[update.a_key],
+                        adapter_weights[update.b_key],
+                        update.scaling,
+                        adapter_weights[update.magnitude_key] if update.magnitude_key else None,
+                    )
+                    if update
+                    else None
                 )
                 tensor = merged_weight(
                     reader.read(key),

@@ -262,7 +262,7 @@ def flops_per_token(config: dict, recipe: Recipe) -> float:
     input and weight gradients. Mistral-7B at 2048: 15.1 + 14.8 + 16.2 = 46.1 GFLOP."""
     shape = model_shape(config)
     counts = count_parameters(config)
-    lora = lora_parameters(config, recipe.lora.r, recipe.lora.target_modules)
+    lora = lora_parameters(config, recipe.lora.r, recipe.lora.target_modules, use_dora=recipe.lora.use_dora)
     attention = 2 * 2 * (recipe.data.max_length / 2) * shape.attention_width * shape.layers
     head = 2 * (shape.vocab * shape.hidden)
     layers_forward = 2 * counts["linear"] + attention + 2 * lora
@@ -407,7 +407,7 @@ def breakdown(estimate_: Estimate) -> list[tuple[str, int, str]]:
     counts = count_parameters(estimate_.config)
     recipe, model = estimate_.recipe, estimate_.recipe.model
     quantized = counts["linear"]
-    lora = lora_parameters(estimate_.config, recipe.lora.r, recipe.lora.target_modules)
+    lora = lora_parameters(estimate_.config, recipe.lora.r, recipe.lora.target_modules, use_dora=recipe.lora.use_dora)
     tokens = f"{estimate_.tokens_per_micro_batch:,} tokens"
     residual = "fp32" if residual_bytes(model) == 4 else model.compute_dtype
     if model.load_in_4bit:
@@ -447,7 +447,11 @@ def breakdown(estimate_: Estimate) -> list[tuple[str, int, str]]:
     optimizer = f"{recipe.train.optim}: {OPTIMIZER_BYTES_PER_PARAM[recipe.train.optim]:.2g} B/param"
     return [
         *weights,
-        ("LoRA weights", estimate_.lora_weights, f"{lora / 1e6:.1f} M params (r={recipe.lora.r}) in fp32"),
+        (
+            "LoRA weights",
+            estimate_.lora_weights,
+            f"{lora / 1e6:.1f} M params (r={recipe.lora.r}{', DoRA magnitudes' if recipe.lora.use_dora else ''}) in fp32",
+        ),
         ("LoRA gradients", estimate_.lora_gradients, "fp32"),
         ("optimizer states", estimate_.optimizer_states, optimizer),
         ("activation checkpoints", estimate_.activation_checkpoints, checkpoints),
@@ -456,6 +460,11 @@ def breakdown(estimate_: Estimate) -> list[tuple[str, int, str]]:
             "dequantized weight buffer",
             estimate_.dequantized_weight_buffer,
             f"largest linear in {model.compute_dtype}" if model.load_in_4bit else "none: the base is not quantized",
+        ),
+        *(
+            [("DoRA weight norms", estimate_.dora_weights, "largest adapted linear: W, B @ A and their sum, at once")]
+            if recipe.lora.use_dora
+            else []
         ),
         (
             "LM head and loss",

@@ -212,9 +212,12 @@ def build_adapter(
     alpha: float = 16.0,
     compute_dtype: str = "bfloat16",
     seed: int = 0,
+    use_dora: bool = False,
+    use_rslora: bool = False,
 ) -> Path:
-    """A LoRA adapter folder as `qlora train` writes it, with random non-zero lora_B so merging changes weights.
-    Takes `model` (from build_base) and wraps it with peft in place."""
+    """A LoRA adapter folder as `qlora train` writes it, with random non-zero lora_B so merging changes weights
+    (and, with DoRA, magnitudes moved off the base's row norms). Takes `model` (from build_base) and wraps it
+    with peft in place."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
@@ -224,19 +227,28 @@ def build_adapter(
     from qlora_cli.recipe import DataSection, LoraSection, ModelSection, Recipe, TrainSection
 
     torch.manual_seed(seed + 1)
-    peft_model = get_peft_model(
-        model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+        use_dora=use_dora,
+        use_rslora=use_rslora,
     )
+    peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for parameter_name, parameter in peft_model.named_parameters():
             if "lora_B" in parameter_name:
                 parameter.normal_(0.0, 0.02)  # the size of the base weights' own init: a clearly visible update
+            if "lora_magnitude_vector" in parameter_name:
+                parameter.mul_(1.0 + 0.2 * torch.rand_like(parameter))
     peft_model.save_pretrained(adapter_dir)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(adapter_dir)
     section = ModelSection(id=str(Path(base_dir).resolve()), compute_dtype=compute_dtype, device="cpu")
     recipe = Recipe(
         model=section,
-        lora=LoraSection(name=name, r=r, alpha=alpha, dropout=0.0),
+        lora=LoraSection(name=name, r=r, alpha=alpha, dropout=0.0, use_dora=use_dora, use_rslora=use_rslora),
         data=DataSection(path="synthetic.jsonl"),
         train=TrainSection(output_dir=f"runs/{name}"),
     )
@@ -247,7 +259,7 @@ def build_adapter(
         base=base_model_record(section, Path(base_dir)),
         template="alpaca",
         task="forward",
-        lora={"r": r, "alpha": alpha, "target_modules": "all-linear"},
+        lora={"r": r, "alpha": alpha, "target_modules": "all-linear", "use_dora": use_dora, "use_rslora": use_rslora},
         metrics={},
     )
     return adapter_dir

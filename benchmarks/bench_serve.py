@@ -30,7 +30,7 @@ CLIENTS = (1, 4, 16)
 QUESTION = "Repeat the input.\n\nred blue green yellow"
 
 
-def synthetic_adapter(folder: Path, seed: int, base: Path = TINY_BASE) -> Path:
+def synthetic_adapter(folder: Path, seed: int, base: Path = TINY_BASE, use_dora: bool = False) -> Path:
     """A LoRA adapter with random (non-zero) B on `base`: each seed answers differently."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -38,7 +38,13 @@ def synthetic_adapter(folder: Path, seed: int, base: Path = TINY_BASE) -> Path:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=64,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False,
+        use_dora=use_dora,
+    )
     get_peft_model(model, config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(base).save_pretrained(folder)
     return folder

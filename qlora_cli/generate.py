@@ -126,11 +126,23 @@ class Session:
         configured = [configured] if isinstance(configured, int) else list(configured or [])
         return list(dict.fromkeys([*self.renderer(adapter).stop_ids(), *configured]))
 
+    def is_dora(self, adapter: str) -> bool:
+        """A DoRA adapter: peft can neither route it per row in a mixed batch nor combine it in a mix."""
+        config = getattr(self.model, "peft_config", {}).get(adapter)
+        return bool(getattr(config, "use_dora", False))
+
     def add_mix(self, weights: dict[str, float], name: str = MIX) -> None:
         """One more adapter: the weighted combination of loaded ones, prompted as its first member."""
         unknown = [adapter for adapter in weights if adapter not in self.styles]
         if unknown:
             raise QloraError(f"--mix names {unknown}, which are not loaded adapters")
+        dora = [adapter for adapter in weights if self.is_dora(adapter)]
+        if dora:
+            # peft would stack the factors and give the mix fresh magnitudes: silently not what was trained.
+            raise QloraError(
+                f"cannot mix {', '.join(dora)}: a DoRA adapter's learned magnitudes do not add up with others; "
+                "mix plain LoRA adapters, or merge the DoRA one (qlora merge)"
+            )
         # 'cat' stacks the adapters' low-rank factors, so the mix's update is exactly sum(w_i * B_i A_i),
         # and it works across different ranks (peft's 'linear' needs equal ranks and mixes A and B separately).
         self.model.add_weighted_adapter(

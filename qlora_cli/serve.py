@@ -260,16 +260,22 @@ class Engine:
                 return
 
     def _take(self) -> list[Job]:
-        """The oldest waiting job and, when mixing, every other waiting job that can share its batch."""
+        """The oldest waiting job and, when mixing, every other waiting job that can share its batch. A DoRA
+        adapter shares a batch only with requests for itself: peft cannot route it per row."""
         first = self._waiting.popleft()
         batch = [first]
         if self.mixed:
+            session = self.session
+            dora = session.is_dora(first.adapter)
             for job in list(self._waiting):
                 if len(batch) >= self.max_batch:
                     break
-                if job.batch_key == first.batch_key:
-                    batch.append(job)
-                    self._waiting.remove(job)
+                if job.batch_key != first.batch_key:
+                    continue
+                if (dora or session.is_dora(job.adapter)) and job.adapter != first.adapter:
+                    continue
+                batch.append(job)
+                self._waiting.remove(job)
         return batch
 
     def _generate(self, batch: list[Job]) -> None:

@@ -72,6 +72,24 @@ def test_requests_for_different_adapters_share_one_batch_and_answer_as_they_woul
     assert all(len({text for text, _ in together[i : i + 3]}) > 1 for i in range(0, len(asks), 3))
 
 
+def test_a_dora_adapter_batches_only_with_itself_and_cannot_join_a_mix(home, tmp_path):
+    from qlora_cli.errors import QloraError
+
+    shutil.copytree(home / "red", tmp_path / "red")
+    synthetic_adapter(tmp_path / "dora", 5, use_dora=True)
+    session = open_session(["red", "dora"], home=str(tmp_path))
+    asks = [(adapter, PROMPTS[0]) for adapter in ("red", "dora", BASE, "dora")]
+    engine = Engine(session, max_batch=16)
+    together = run_jobs(engine, asks, start=True)
+    engine.stop()
+    assert engine.batches == 2  # red with the base, and the two dora requests together
+    alone = Engine(session, mixed=False)
+    assert together == run_jobs(alone, asks, start=True)
+    alone.stop()
+    with pytest.raises(QloraError, match="cannot mix dora"):
+        session.add_mix({"red": 0.5, "dora": 0.5}, name="m")
+
+
 def test_a_full_queue_refuses_at_once_instead_of_waiting():
     engine = Engine(session=None, queue_size=2)  # not started: nothing leaves the queue
 

@@ -58,6 +58,10 @@ class LoraRecord(_Record):
     r: int | None = None
     alpha: int | float | None = None
     target_modules: str | list[str] | None = None
+    use_dora: bool = False
+    use_rslora: bool = False
+    lora_plus_ratio: float | None = None
+    init: str = "kaiming"
 
 
 class DataRecord(_Record):
@@ -86,6 +90,8 @@ class AdapterRecord(_Record):
     format: str | None = None  # the training rows' data.format
     task: Literal["forward", "reverse"] = DEFAULT_TASK
     lora: LoraRecord = LoraRecord()
+    method: str = "sft"  # train.method
+    parent: str | None = None  # lora.init_from: the adapter this one continued
     data: DataRecord = DataRecord()
     metrics: dict[str, int | float | str | list[int]] = {}  # peak_memory is a sentence; train_loss_steps a pair
     created: str | None = None
@@ -266,8 +272,10 @@ def render_list(listing: Listing) -> Fitted | Text:
         loss = record.metrics.get("train_loss")  # the loss at the end of training, not the run's average
         # Adapters trained before train_loss_steps existed stored the run's average under train_loss.
         average = "train_loss_steps" not in record.metrics
+        # Lineage under the name: an adapter continued from another (lora.init_from), and how.
+        lineage = f"\n← {record.parent} ({record.method})" if record.parent else ""
         table.add_row(
-            Text(record.folder.name),
+            Text(record.folder.name + lineage),
             Breakable(_short_source(record.base.id)),
             Text(str(record.lora.r or "?")),
             Breakable(_short_source(record.data.path)),

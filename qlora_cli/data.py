@@ -35,6 +35,7 @@ REQUIRED_FIELDS = ("instruction", "output")  # of an alpaca row
 # The fields that make a row one format or another, in the order detection tries them: a row with
 # instruction/output and also a pre-rendered "text" (tatsu-lab/alpaca has both) is an alpaca row.
 FORMAT_FIELDS = {
+    "preference": ("chosen", "rejected"),
     "messages": ("messages",),
     "sharegpt": ("conversations",),
     "prompt_completion": ("prompt", "completion"),
@@ -161,6 +162,8 @@ def row_problem(row: object, data_format: str = "alpaca") -> str | None:
         return f"expected an object with {'/'.join(FORMAT_FIELDS[data_format])}, got {type(row).__name__}"
     if data_format in CONVERSATIONAL:
         return conversation_problem(row, data_format)
+    if data_format == "preference":
+        return preference_problem(row)
     if data_format == "prompt_completion" and isinstance(row.get("prompt"), list):
         return "prompt and completion are message lists: write the conversation as one messages list (format: messages)"
     missing = [
@@ -172,6 +175,39 @@ def row_problem(row: object, data_format: str = "alpaca") -> str | None:
     if data_format == "alpaca" and row.get("input") is not None and not isinstance(row["input"], str):
         return f"field input must be text, got {type(row['input']).__name__}"
     return None
+
+
+def preference_problem(row: dict) -> str | None:
+    """Why a preference row cannot train: one question (prompt as text or messages, or alpaca's instruction
+    and input) and two different answers (text, or a message list ending with the assistant's)."""
+    prompt = row.get("prompt")
+    if isinstance(prompt, list):
+        problem = conversation_problem({"messages": [*prompt, {"role": "assistant", "content": "-"}]}, "messages")
+        if problem:
+            return f"prompt: {problem}"
+    elif not (isinstance(prompt, str) and prompt.strip()) and not (
+        isinstance(row.get("instruction"), str) and row["instruction"].strip()
+    ):
+        return "missing or empty field prompt (or instruction): a preference row asks a question and gives two answers"
+    answers = {}
+    for side in ("chosen", "rejected"):
+        answer = answer_text(row.get(side))
+        if answer is None:
+            return f"missing or empty field {side} (the {'preferred' if side == 'chosen' else 'worse'} answer)"
+        answers[side] = answer
+    if answers["chosen"] == answers["rejected"]:
+        return "chosen and rejected are the same answer: the pair teaches nothing"
+    return None
+
+
+def answer_text(answer: object) -> str | None:
+    """A preference answer's text: the string itself, or the content of the last (assistant) message of a
+    list (TRL's conversational preference rows); None when there is none."""
+    if isinstance(answer, list) and answer and isinstance(answer[-1], dict):
+        if answer[-1].get("role") != "assistant":
+            return None
+        answer = answer[-1].get("content")
+    return answer.strip() if isinstance(answer, str) and answer.strip() else None
 
 
 def conversation_problem(row: dict, data_format: str) -> str | None:
@@ -234,6 +270,13 @@ def normalized(row: dict, data_format: str) -> dict:
     """A checked row in the shape the renderer reads: alpaca fields, prompt/completion, text, or
     {"messages", "tools"} with OpenAI roles and each content stripped (templates such as Llama 3's trim it
     themselves, and a mask must not depend on where a template cut)."""
+    if data_format == "preference":
+        asked = (
+            normalized({"messages": row["prompt"]}, "messages")
+            if isinstance(row.get("prompt"), list)
+            else {key: row[key] for key in ("prompt", "instruction", "input") if isinstance(row.get(key), str)}
+        )
+        return {**asked, "chosen": answer_text(row["chosen"]), "rejected": answer_text(row["rejected"])}
     if data_format not in CONVERSATIONAL:
         return row
     source = row["messages"] if data_format == "messages" else row["conversations"]
@@ -397,8 +440,17 @@ def inspect_section(section: DataSection, *, read_hub: bool = True) -> tuple[Che
         checked.append(result)
         problems += found
         if result is not None:
-            problems += template_problems(section, result.format, result.path)
+            problems += template_problems(section, rendered_format(result), result.path)
     return CheckedSection(train=checked[0], eval=checked[1] if len(checked) > 1 else None), problems
+
+
+def rendered_format(checked: CheckedData) -> str:
+    """The format whose template renders the rows: a preference row asks its question as messages, as
+    alpaca's instruction and input, or as a plain prompt."""
+    if checked.format != "preference" or not checked.rows:
+        return checked.format
+    first = checked.rows[0]
+    return "messages" if "messages" in first else "alpaca" if "instruction" in first else "prompt_completion"
 
 
 def template_problems(section: DataSection, data_format: str, path: str) -> list[str]:
@@ -511,11 +563,14 @@ def build_dataset(
     seed: int = DEFAULT_SEED,
     checked: CheckedSection | None = None,
     model_name: str = "the model",
+    style: Style | None = None,
 ) -> TrainingData:
     """Rows -> tokenized training (and evaluation) examples. `seed` (train.seed) picks the eval_fraction hold-out;
     `checked` is check_section's result when the caller has already read the rows. Every conversation is
     rendered and its mask checked here, before any weights load: a row the template refuses, or whose assistant
-    turn has no end-of-turn token, is named by its row number."""
+    turn has no end-of-turn token, is named by its row number. `style` overrides the data section's (an
+    adapter continued by lora.init_from is prompted as it was trained). Preference rows become prompt_ids,
+    chosen_ids and rejected_ids (TRL's DPO columns), rendered exactly as a supervised example would be."""
     checked = checked or check_section(section)
     assert checked.train is not None  # check_section reads hub data unless told not to
     for data in (checked.train, checked.eval):
@@ -527,7 +582,7 @@ def build_dataset(
                 data.path,
                 data.bad[0],
             )
-    style = resolve_style(section, checked.train.format, tokenizer, model_name)
+    style = style or resolve_style(section, rendered_format(checked.train), tokenizer, model_name)
     renderer = Renderer(style, tokenizer)
     rows = list(zip(checked.train.numbers or range(1, len(checked.train.rows) + 1), checked.train.rows))
     eval_rows = list(zip(checked.eval.numbers, checked.eval.rows)) if checked.eval is not None else None
@@ -575,19 +630,24 @@ def _tokenize_rows(
     """Tokenize (row number, row) pairs; one QloraError names every row whose conversation cannot train."""
     from datasets import Dataset
 
+    preference = bool(rows) and "chosen" in rows[0][1]
+    fields = ("prompt_ids", "chosen_ids", "rejected_ids") if preference else ("input_ids", "labels")
+
     def tokenize_batch(batch: dict) -> dict:
-        ids, labels, problems = [], [], []
+        columns: dict[str, list] = {field: [] for field in (*fields, "problem")}
         for text in batch["row"]:
+            row, problem = json.loads(text), ""
             try:
-                example = renderer.example(json.loads(text), train_on=section.train_on, max_length=section.max_length)
+                if preference:
+                    example = renderer.preference(row)
+                else:
+                    example = renderer.example(row, train_on=section.train_on, max_length=section.max_length)
             except QloraError as error:
-                example, problem = {"input_ids": [], "labels": []}, str(error)
-            else:
-                problem = ""
-            ids.append(example["input_ids"])
-            labels.append(example["labels"])
-            problems.append(problem)
-        return {"input_ids": ids, "labels": labels, "problem": problems}
+                example, problem = dict.fromkeys(fields, []), str(error)
+            for name in fields:
+                columns[name].append(example[name])
+            columns["problem"].append(problem)
+        return columns
 
     workers = min(os.cpu_count() or 1, 8) if len(rows) >= 20_000 else None
     columns = {"row": [json.dumps(row) for _, row in rows], "number": [number for number, _ in rows]}
@@ -605,7 +665,10 @@ def _tokenize_rows(
         )
         dataset = dataset.filter(lambda problem: not problem, input_columns="problem")
     dataset = dataset.remove_columns(["problem", "number"])
-    keep = [any(label != IGNORE_INDEX for label in labels) for labels in dataset["labels"]]
+    if preference:  # TRL cuts each pair to max_length; a prompt that fills it leaves nothing to compare
+        keep = [len(prompt) < section.max_length for prompt in dataset["prompt_ids"]]
+    else:
+        keep = [any(label != IGNORE_INDEX for label in labels) for labels in dataset["labels"]]
     cut_off = keep.count(False)
     if cut_off:
         where = f"{cut_off} of {len(keep)} {what} examples (first: row {keep.index(False) + 1})"

@@ -91,6 +91,27 @@ class Score:
 
 
 @dataclass(frozen=True)
+class PreferenceScore:
+    """One adapter on preference pairs: how often it gives the chosen answer more probability than the
+    rejected one, and by how much (the log-probability margin, in nats, that DPO's reward measures)."""
+
+    adapter: str
+    pairs: int
+    accuracy: float  # share of pairs with log p(chosen) > log p(rejected)
+    margin: float  # mean of log p(chosen) - log p(rejected)
+    margins: tuple[float, ...] = ()  # per pair, in file order
+
+    def as_dict(self) -> dict:
+        return {
+            "adapter": self.adapter,
+            "pairs": self.pairs,
+            "accuracy": self.accuracy,
+            "margin": self.margin,
+            "margins": list(self.margins),
+        }
+
+
+@dataclass(frozen=True)
 class Evaluation:
     data: str  # as given on the command line
     base_id: str
@@ -98,6 +119,7 @@ class Evaluation:
     sql: bool
     scores: tuple[Score, ...]
     out: Path | None = None  # where every row was written
+    preferences: tuple[PreferenceScore, ...] = ()  # for preference data, instead of scores
 
 
 def exact_match(
@@ -208,12 +230,61 @@ def run(
         mix_lead=records[next(iter(weights))].folder.name if weights else None,
         max_rows=max_rows,
     )
+    preference = any("chosen" in row for name_rows in rows.values() for row in name_rows[:1])
+    if preference and sql:
+        raise QloraError("--sql runs generated queries; preference data is scored by likelihood, without --sql")
     session = open_session(adapter_refs, mix=weights, base=base, home=home)
-    scores = score(session, rows, sql=sql)
+    scores = [] if preference else score(session, rows, sql=sql)
+    preferences = [preference_score(session, name_rows, name) for name, name_rows in rows.items()] if preference else []
     if out is not None:
-        results = [result.as_dict() for result in scores]
+        results = [result.as_dict() for result in (preferences or scores)]
         out.write_text(json.dumps({"data": data_path, "base": session.base_id, "results": results}, indent=2) + "\n")
-    return Evaluation(data=data, base_id=session.base_id, mix=mix, sql=sql, scores=tuple(scores), out=out)
+    return Evaluation(
+        data=data,
+        base_id=session.base_id,
+        mix=mix,
+        sql=sql,
+        scores=tuple(scores),
+        out=out,
+        preferences=tuple(preferences),
+    )
+
+
+def preference_score(session: Session, rows: list[dict], adapter: str) -> PreferenceScore:
+    """log p(chosen) - log p(rejected) of each pair, the prompt rendered as the adapter was trained."""
+    renderer = session.renderer(adapter)
+    pairs = [renderer.preference(row) for row in rows]
+    chosen = answer_logps(session, adapter, [(pair["prompt_ids"], pair["chosen_ids"]) for pair in pairs])
+    rejected = answer_logps(session, adapter, [(pair["prompt_ids"], pair["rejected_ids"]) for pair in pairs])
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    return PreferenceScore(
+        adapter=adapter,
+        pairs=len(pairs),
+        accuracy=round(sum(margin > 0 for margin in margins) / len(margins), 4),
+        margin=round(sum(margins) / len(margins), 4),
+        margins=tuple(round(margin, 4) for margin in margins),
+    )
+
+
+def answer_logps(
+    session: Session, adapter: str, sequences: list[tuple[list[int], list[int]]], batch_size: int = 16
+) -> list[float]:
+    """Sum of log-probabilities of each answer given its prompt."""
+    model, pad = session.model, session.tokenizer.pad_token_id
+    totals = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = [prompt + answer for prompt, answer in sequences[start : start + batch_size]]
+        width = max(len(ids) for ids in chunk)
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in chunk])
+        attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in chunk])
+        with torch.inference_mode(), session.using(adapter):
+            logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits
+        logps = torch.log_softmax(logits.float(), dim=-1)
+        for row, (prompt, answer) in enumerate(sequences[start : start + batch_size]):
+            positions = torch.arange(len(prompt) - 1, len(prompt) + len(answer) - 1, device=logps.device)
+            targets = torch.tensor(answer, device=logps.device)
+            totals.append(logps[row, positions, targets].sum().item())
+    return totals
 
 
 def trained_columns(record: AdapterRecord) -> dict[str, str]:
@@ -270,6 +341,8 @@ def _checked_rows(data_path: str, columns: dict[str, str], owner: str | None, ma
 
 def render(evaluation: Evaluation) -> Group:
     """The scores in one table, and under it a few misses of each adapter, all within 80 columns."""
+    if evaluation.preferences:
+        return Group(render_preferences(evaluation))
     table = Table(title=f"{evaluation.data} on {_shown_path(evaluation.base_id)}")
     columns = ["adapter", "rows", "loss", "perplexity", "exact\nmatch"] + (
         ["execution\nmatch"] if evaluation.sql else []
@@ -288,6 +361,16 @@ def render(evaluation: Evaluation) -> Group:
             cells.append(f"{100 * result.execution_match:.1f}%")
         table.add_row(*cells)
     return Group(table, *render_misses(evaluation))
+
+
+def render_preferences(evaluation: Evaluation) -> Table:
+    table = Table(title=f"{evaluation.data} on {_shown_path(evaluation.base_id)}")
+    for column in ("adapter", "pairs", "chosen\npreferred", "log-prob\nmargin"):
+        table.add_column(column, justify="left" if column == "adapter" else "right")
+    for result in evaluation.preferences:
+        name = f"mix {evaluation.mix}" if evaluation.mix and result.adapter == MIX else result.adapter
+        table.add_row(name, str(result.pairs), f"{100 * result.accuracy:.1f}%", f"{result.margin:+.2f}")
+    return table
 
 
 def render_misses(evaluation: Evaluation) -> list[Text]:

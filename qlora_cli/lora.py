@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -16,6 +18,12 @@ from qlora_cli.recipe import LoraSection
 log = logging.getLogger(__name__)
 
 
+# lora.init -> peft's init_lora_weights. PiSSA by a fast randomised SVD (16 subspace iterations): the full
+# SVD of every weight of a 7B model takes minutes; loftq starts as kaiming, and attach_lora refits A and B.
+PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa_niter_16", "olora": "olora", "loftq": True}
+BASE_REWRITING = ("pissa", "olora")  # inits that move part of the base into the adapter at the start
+
+
 def lora_config(section: LoraSection) -> LoraConfig:
     return LoraConfig(
         r=section.r,
@@ -23,8 +31,100 @@ def lora_config(section: LoraSection) -> LoraConfig:
         lora_dropout=section.dropout,
         target_modules=section.target_modules,
         bias=section.bias,
+        use_dora=section.use_dora,
+        use_rslora=section.use_rslora,
+        init_lora_weights=PEFT_INIT[section.init],
         task_type="CAUSAL_LM",
     )
+
+
+def fit_loftq(peft_model: PeftModel, model_dir: Path) -> int:
+    """LoftQ: start each adapter at the best rank-r approximation of what 4-bit quantisation took from its
+    weight, so that base + adapter begins as the 16-bit model. peft's replace_lora_weights_loftq does this
+    on CUDA only; this runs where the model is. Returns the modules fitted."""
+    import bitsandbytes.functional as bnb_functional
+    from bitsandbytes.nn import Linear4bit
+    from safetensors import safe_open
+
+    from qlora_cli.model import weight_files
+
+    where = {}
+    for shard in weight_files(model_dir):
+        with safe_open(str(shard), "pt") as handle:
+            where.update(dict.fromkeys(handle.keys(), shard))
+    fitted = 0
+    prefix = "base_model.model."
+    for name, module in peft_model.named_modules():
+        base = getattr(module, "base_layer", None)
+        if not isinstance(base, Linear4bit) or "default" not in getattr(module, "lora_A", {}):
+            continue
+        key = f"{name.removeprefix(prefix)}.weight"
+        if key not in where:
+            raise QloraError(f"lora.init: loftq needs the 16-bit weight {key}, which {model_dir} does not hold")
+        with safe_open(str(where[key]), "pt") as handle:
+            original = handle.get_tensor(key).to(base.weight.device, torch.float32)
+        quantized = bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
+        rank, scaling = module.r["default"], module.scaling["default"]
+        u, s, v = torch.svd_lowrank(original - quantized, q=min(rank + 8, *original.shape), niter=4)
+        root = (s[:rank] / scaling).sqrt()
+        module.lora_B["default"].weight.data.copy_(u[:, :rank] * root)
+        module.lora_A["default"].weight.data.copy_(root.unsqueeze(1) * v[:, :rank].T)
+        fitted += 1
+    return fitted
+
+
+def check_parent(section: LoraSection, base_id: str, fingerprint: str | None, home: str | None):
+    """The adapter lora.init_from continues, checked before any weights load: trained on this base, with
+    this rank, these target modules and the same DoRA setting (the recipe describes the adapter it trains).
+    `fingerprint` is None when the base's weights are not at hand (a dry run)."""
+    from qlora_cli.adapters import AdapterRecord, find_adapter
+
+    record = AdapterRecord.load(find_adapter(section.init_from, home))
+    recorded = record.base.fingerprint
+    if fingerprint is not None and recorded and recorded != fingerprint:
+        raise QloraError(
+            f"lora.init_from: {section.init_from} was trained on {record.base.id} ({recorded}), but model.id "
+            f"{base_id} has other weights ({fingerprint}); continue it on the base it was trained on"
+        )
+    config = json.loads((record.folder / "adapter_config.json").read_text())
+    targets = config.get("target_modules")
+    wanted = section.target_modules
+    differences = []
+    if config.get("r") != section.r:
+        differences.append(f"rank {config.get('r')} (lora.r is {section.r})")
+    if wanted != "all-linear" and sorted(targets or []) != sorted(wanted):
+        differences.append(f"target modules {sorted(targets or [])} (lora.target_modules is {sorted(wanted)})")
+    if bool(config.get("use_dora")) != section.use_dora:
+        differences.append(f"use_dora {bool(config.get('use_dora'))} (lora.use_dora is {section.use_dora})")
+    if differences:
+        raise QloraError(
+            f"lora.init_from: {section.init_from} was trained with {'; '.join(differences)}; set the recipe's lora "
+            "section to match the adapter it continues"
+        )
+    return record
+
+
+def continue_adapter(model: PreTrainedModel, folder: Path, *, gradient_checkpointing: bool) -> PeftModel:
+    """An existing adapter on the 4-bit base, trainable again (lora.init_from), prepared as attach_lora
+    prepares a new one."""
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": zero3_launch()},
+        )
+    else:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": zero3_launch()})
+            model.enable_input_require_grads()
+    peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    log.info(
+        "continuing adapter %s: trainable %s of %s parameters", folder.name, human_count(trainable), human_count(total)
+    )
+    return peft_model
 
 
 def check_target_modules(model: torch.nn.Module, section: LoraSection) -> None:
@@ -33,10 +133,16 @@ def check_target_modules(model: torch.nn.Module, section: LoraSection) -> None:
 
 
 def attach_lora(
-    model: PreTrainedModel, section: LoraSection, *, gradient_checkpointing: bool, sharded: bool | None = None
+    model: PreTrainedModel,
+    section: LoraSection,
+    *,
+    gradient_checkpointing: bool,
+    sharded: bool | None = None,
+    model_dir: Path | None = None,
 ) -> PeftModel:
     """`sharded` (default: read from the launcher's environment) means FSDP or DeepSpeed ZeRO-3 will
-    shard the model: every parameter then keeps the one dtype the 4-bit weights are stored in."""
+    shard the model: every parameter then keeps the one dtype the 4-bit weights are stored in.
+    `model_dir` holds the base's 16-bit weights, which lora.init: loftq fits the adapter to."""
     sharded = sharded_launch() if sharded is None else sharded
     # PEFT under ZeRO-3 trains correctly only with reentrant checkpointing (trl#2514, as TRL enforces).
     checkpointing = {"use_reentrant": zero3_launch()}
@@ -60,6 +166,10 @@ def attach_lora(
     # Trained under peft's "default" slot so the export is a plain, flat peft folder; the adapter's own
     # name lives in its directory name and qlora.json, and generate loads each under that name.
     peft_model = get_peft_model(model, lora_config(section), autocast_adapter_dtype=not sharded)
+    if section.init == "loftq":
+        if model_dir is None:
+            raise QloraError("lora.init: loftq needs the base's 16-bit weights to fit the adapter to")
+        log.info("LoftQ: fitted %d adapters to the 4-bit quantisation error", fit_loftq(peft_model, model_dir))
     if storage is not None:
         for param in peft_model.parameters():
             if param.requires_grad:

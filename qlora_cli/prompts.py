@@ -237,6 +237,33 @@ class Renderer:
                 labels = list(ids)
         return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
 
+    def preference(self, row: Mapping) -> dict:
+        """{prompt_ids, chosen_ids, rejected_ids} of a checked preference row: each answer rendered as the
+        response of a supervised example (its end of turn included), split where the learned tokens begin."""
+        asked = {key: value for key, value in row.items() if key not in ("chosen", "rejected")}
+        parts = {}
+        for field in ("chosen", "rejected"):
+            if "messages" in asked:
+                answered = {"messages": [*asked["messages"], {"role": "assistant", "content": row[field]}]}
+            elif "instruction" in asked:
+                answered = {
+                    "instruction": asked["instruction"],
+                    "input": asked.get("input") or "",
+                    "output": row[field],
+                }
+            else:
+                answered = {"prompt": asked["prompt"], "completion": row[field]}
+            example = self.example(answered, train_on="last")
+            learned = [index for index, label in enumerate(example["labels"]) if label != IGNORE_INDEX]
+            parts[field] = example["input_ids"][: learned[0]], example["input_ids"][learned[0] : learned[-1] + 1]
+        if parts["chosen"][0] != parts["rejected"][0]:
+            raise QloraError("the template renders the prompt differently before the chosen and the rejected answer")
+        return {
+            "prompt_ids": parts["chosen"][0],
+            "chosen_ids": parts["chosen"][1],
+            "rejected_ids": parts["rejected"][1],
+        }
+
     def conversation(self, row: Mapping) -> list[dict]:
         """The messages a chat prompt is made of: the row's, up to (not including) the turn to generate."""
         messages = as_conversation({key: value for key, value in row.items() if key != "output"}, self.style.system)

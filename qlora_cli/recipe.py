@@ -54,7 +54,18 @@ TEMPLATE_NAMES = ("alpaca", "chat", "none")
 TEMPLATE_SUFFIX = ".jinja"
 # Columns data.columns can map: the alpaca fields and each format's own.
 MAPPABLE_COLUMNS = Literal[
-    "instruction", "input", "output", "messages", "conversations", "prompt", "completion", "text", "system", "tools"
+    "instruction",
+    "input",
+    "output",
+    "messages",
+    "conversations",
+    "prompt",
+    "completion",
+    "text",
+    "system",
+    "tools",
+    "chosen",
+    "rejected",
 ]
 
 
@@ -122,6 +133,30 @@ class LoraSection(Section):
         "none",
         description="Which biases to train alongside the adapter; only 'none' can be merged or served as a plain adapter.",
     )
+    use_dora: bool = Field(
+        False,
+        description="DoRA: also learn each output row's magnitude apart from its direction. Slower steps; vLLM and "
+        "SGLang do not serve it (merge it), and in qlora serve it never shares a batch with other adapters.",
+    )
+    use_rslora: bool = Field(
+        False, description="Rank-stabilised scaling, alpha / sqrt(r) instead of alpha / r: high ranks keep learning."
+    )
+    lora_plus_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA+: the B matrices learn at train.lr x this ratio (the paper suggests 16); unset: one rate.",
+    )
+    init_from: str | None = Field(
+        None,
+        description="Continue an existing adapter (its name in the adapters folder, or a path) instead of starting "
+        "a new one: same base, rank and target modules. The new adapter records it as its parent.",
+    )
+    init: Literal["kaiming", "gaussian", "pissa", "olora", "loftq"] = Field(
+        "kaiming",
+        description="How A and B start. kaiming (peft's default) and gaussian: random A, zero B. pissa (16-bit base) "
+        "and olora start from the base's principal directions; loftq (4-bit base) from its quantisation error. "
+        "pissa and olora adapters are exported as plain LoRA deltas that load on the original base.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -160,10 +195,11 @@ class DataSection(Section):
         description="Hub dataset id, or a local .jsonl/.json/.csv/.parquet file (relative to the recipe)."
     )
     split: str = Field("train", description="Split to train on, for hub datasets.")
-    format: Literal["alpaca", "messages", "sharegpt", "prompt_completion", "text"] | None = Field(
+    format: Literal["alpaca", "messages", "sharegpt", "prompt_completion", "text", "preference"] | None = Field(
         None,
         description="Row format: alpaca (instruction/input/output), messages (OpenAI chat), sharegpt (conversations "
-        "with from/value), prompt_completion, or text (loss on every token). Unset: detected from the rows.",
+        "with from/value), prompt_completion, text (loss on every token), or preference (a prompt, or "
+        "instruction/input, with a chosen and a rejected answer; train.method: dpo). Unset: detected from the rows.",
     )
     columns: dict[MAPPABLE_COLUMNS, str] = Field(
         {},
@@ -242,6 +278,18 @@ class DataSection(Section):
 
 class TrainSection(Section):
     output_dir: str = Field(description="Run folder: checkpoints, logs and report. Defaults to runs/<lora.name>.")
+    method: Literal["sft", "dpo", "orpo"] = Field(
+        "sft",
+        description="sft: learn the responses. dpo: learn to prefer each chosen answer over its rejected one "
+        "(preference data), against the adapter as it started (or the base), with no second model in memory. "
+        "orpo: the chosen answer's own loss plus an odds-ratio term, with no reference at all.",
+    )
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="dpo: how strongly the adapter is held to its reference (lower lets it move further); "
+        "orpo: the weight of the odds-ratio term.",
+    )
     epochs: float = Field(1.0, gt=0, description="Passes over the data; ignored when max_steps is set.")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run; overrides epochs.")
     batch_size: int = Field(4, gt=0, description="Examples per device per micro-step.")
@@ -312,6 +360,40 @@ class Recipe(Section):
         if train is not None and lora is not None and isinstance(lora.get("name"), str):
             data["train"] = {"output_dir": f"runs/{lora['name']}", **train}
         return data
+
+    @model_validator(mode="after")
+    def _variant_fits_the_model(self) -> Recipe:
+        lora, model = self.lora, self.model
+        if lora.init == "pissa" and model.load_in_4bit:
+            raise ValueError(
+                "lora.init: pissa takes the base's principal directions out of its 16-bit weights, which a 4-bit base "
+                "no longer has; set model.load_in_4bit: false, or use lora.init: olora or loftq"
+            )
+        if lora.init == "loftq" and not model.load_in_4bit:
+            raise ValueError(
+                "lora.init: loftq starts the adapter from the 4-bit quantisation error; it needs model.load_in_4bit: true"
+            )
+        if lora.init_from is not None and lora.init != "kaiming":
+            raise ValueError(
+                f"lora.init: {lora.init} with lora.init_from: the adapter starts from {lora.init_from}'s weights; "
+                "remove one of the two"
+            )
+        data_format, method = self.data.format, self.train.method
+        if method in ("dpo", "orpo") and data_format not in (None, "preference"):
+            raise ValueError(
+                f"train.method: {method} learns from preference rows (prompt, chosen, rejected); "
+                f"data.format is {data_format}"
+            )
+        if method == "sft" and data_format == "preference":
+            raise ValueError(
+                "data.format: preference rows train with train.method: dpo or orpo (sft has no one answer to learn)"
+            )
+        if lora.use_dora and lora.init in ("pissa", "olora"):
+            raise ValueError(
+                f"lora.use_dora with lora.init: {lora.init}: the export turns {lora.init} into plain LoRA deltas, which "
+                "cannot carry DoRA's magnitudes; choose one of the two"
+            )
+        return self
 
     @model_validator(mode="after")
     def _evaluable(self) -> Recipe:

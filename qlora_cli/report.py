@@ -90,7 +90,14 @@ class RichProgress(TrainerCallback):
         if "loss" in logs:
             self.progress.console.print(
                 f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}"
-                + (f"  token accuracy {logs['mean_token_accuracy']:.3f}" if "mean_token_accuracy" in logs else ""),
+                + (
+                    # DPO: how often the chosen answer gained on the rejected one, and by how much
+                    f"  preferred {logs['rewards/accuracies']:.3f}  margin {logs['rewards/margins']:.3f}"
+                    if "rewards/accuracies" in logs
+                    else f"  token accuracy {logs['mean_token_accuracy']:.3f}"
+                    if "mean_token_accuracy" in logs
+                    else ""
+                ),
                 highlight=False,
             )
         elif "eval_loss" in logs:

@@ -1,4 +1,4 @@
-"""Stage `train`: the one orchestration, top to bottom. TRL's SFTTrainer owns the loop."""
+"""Stage `train`: the one orchestration, top to bottom. TRL's SFTTrainer (or DPOTrainer) owns the loop."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import shlex
 import shutil
 import signal
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,21 +21,31 @@ from datasets import Dataset
 from rich.console import Console
 from rich.text import Text
 from transformers import PrinterCallback, TrainerCallback, set_seed
-from trl import SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from qlora_cli import adapters, checkpoints
 from qlora_cli.data import IGNORE_INDEX, TrainingData, build_dataset, check_section
 from qlora_cli.errors import ExitCode, QloraError
 from qlora_cli.files import atomic_directory, check_new_output, refuse_dangerous_output
-from qlora_cli.lora import attach_lora, check_target_modules, human_count, lora_config
+from qlora_cli.lora import (
+    BASE_REWRITING,
+    attach_lora,
+    check_parent,
+    check_target_modules,
+    continue_adapter,
+    human_count,
+    lora_config,
+)
 from qlora_cli.model import (
     base_model_record,
     check_device,
     empty_model,
+    fingerprint_weights,
     load_model,
     load_tokenizer,
     resolve_model_dir,
     sharded_launch,
+    weight_files,
     zero3_launch,
 )
 from qlora_cli.preflight import check_adapter_free, check_run_dir_free
@@ -49,6 +60,42 @@ console = Console()
 def sft_config(recipe: Recipe, *, use_cpu: bool) -> SFTConfig:
     train = recipe.train
     return SFTConfig(
+        **trainer_arguments(recipe, use_cpu=use_cpu),
+        # Best-fit-decreasing packing implies padding-free batches: position ids restart at each example.
+        # Flex attention (model.attn_implementation: auto, on CUDA) takes them as a BlockMask; sdpa as a dense
+        # block-diagonal mask. Either way no example attends to another (tests/test_fastpath.py).
+        packing=train.packing,
+        packing_strategy="bfd",
+        eval_packing=False,
+        use_liger_kernel=train.liger_kernel and not use_cpu and importlib.util.find_spec("liger_kernel") is not None,
+        # Our dataset arrives tokenized, truncated and labelled; the trainer only has to pack it.
+        dataset_kwargs={"skip_prepare_dataset": not train.packing},
+        activation_offloading=train.activation_offloading and not use_cpu,
+    )
+
+
+def dpo_config(recipe: Recipe, *, use_cpu: bool) -> DPOConfig:
+    """DPO with the reference inside the model: TRL adds a frozen copy of the starting adapter ("ref") beside
+    the trained one, or, for a new adapter, its zero update is the base itself."""
+    return DPOConfig(
+        **trainer_arguments(recipe, use_cpu=use_cpu),
+        beta=recipe.train.beta,
+        activation_offloading=recipe.train.activation_offloading and not use_cpu,
+    )
+
+
+def orpo_config(recipe: Recipe, *, use_cpu: bool):
+    """ORPO has no reference at all: the odds ratio of chosen over rejected, weighted by train.beta, is added to
+    the chosen answer's own loss. TRL keeps it among its experimental trainers."""
+    from trl.experimental.orpo import ORPOConfig
+
+    return ORPOConfig(**trainer_arguments(recipe, use_cpu=use_cpu), beta=recipe.train.beta, remove_unused_columns=False)
+
+
+def trainer_arguments(recipe: Recipe, *, use_cpu: bool) -> dict:
+    """What SFT and DPO runs share: schedule, optimizer, checkpoints, precision, logging."""
+    train = recipe.train
+    return dict(
         output_dir=train.output_dir,
         num_train_epochs=train.epochs,
         max_steps=train.max_steps or -1,
@@ -75,16 +122,6 @@ def sft_config(recipe: Recipe, *, use_cpu: bool) -> SFTConfig:
         fp16=recipe.model.compute_dtype == "float16" and not use_cpu,
         use_cpu=use_cpu,
         max_length=recipe.data.max_length,
-        # Best-fit-decreasing packing implies padding-free batches: position ids restart at each example.
-        # Flex attention (model.attn_implementation: auto, on CUDA) takes them as a BlockMask; sdpa as a dense
-        # block-diagonal mask. Either way no example attends to another (tests/test_fastpath.py).
-        packing=train.packing,
-        packing_strategy="bfd",
-        eval_packing=False,
-        use_liger_kernel=train.liger_kernel and not use_cpu and importlib.util.find_spec("liger_kernel") is not None,
-        activation_offloading=train.activation_offloading and not use_cpu,
-        # Our dataset arrives tokenized, truncated and labelled; the trainer only has to pack it.
-        dataset_kwargs={"skip_prepare_dataset": not train.packing},
         report_to=[tracker for tracker in train.report_to if importlib.util.find_spec(tracker) is not None] or "none",
         disable_tqdm=True,  # report.RichProgress shows one bar with loss, tokens/s and ETA instead
         include_num_input_tokens_seen="non_padding",
@@ -140,15 +177,23 @@ class DivergenceGuard:
         return self.in_a_row > self.tolerated
 
 
-class CheckpointingTrainer(SFTTrainer):
-    """SFTTrainer with atomic checkpoints and a loss that must stay finite.
+class GuardedTraining:
+    """Atomic checkpoints and a loss that must stay finite, for TRL's trainers (mixed in before them).
 
     Overriding two methods is the narrowest hook: a callback runs only after a checkpoint is already
     written in place, and never sees the per-step loss. `save_limit` is how many complete checkpoints
     to keep (train.save_limit): the trainer's own save_total_limit would prune before a save is sealed.
     """
 
-    def __init__(self, *args, save_limit: int, tally: RunTally | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        save_limit: int,
+        tally: RunTally | None = None,
+        lora_plus_ratio: float | None = None,
+        **kwargs,
+    ) -> None:
+        self.lora_plus_ratio = lora_plus_ratio  # read by create_optimizer, which the parent may call
         super().__init__(*args, **kwargs)
         self.save_limit = save_limit
         self.tally = tally
@@ -163,6 +208,25 @@ class CheckpointingTrainer(SFTTrainer):
             for param in self.model.parameters():
                 if param.requires_grad and param.dtype != torch.float32:
                     param.data = param.data.float()
+
+    def create_optimizer(self, model=None):
+        """LoRA+: the recipe's optimizer (paged AdamW by default) with the B matrices in a parameter group of
+        their own, at lr x lora_plus_ratio. Built here, so checkpoints save and restore its state as usual."""
+        if self.lora_plus_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from peft.optimizers import create_loraplus_optimizer
+
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        kwargs = {key: value for key, value in kwargs.items() if key != "lr"}
+        self.optimizer = create_loraplus_optimizer(
+            self.model,
+            optimizer_cls,
+            lr=self.args.learning_rate,
+            loraplus_lr_ratio=self.lora_plus_ratio,
+            loraplus_weight_decay=self.args.weight_decay,
+            **kwargs,
+        )
+        return self.optimizer
 
     def _save_checkpoint(self, model, trial) -> None:
         run_dir = Path(self.args.output_dir)
@@ -197,6 +261,37 @@ class CheckpointingTrainer(SFTTrainer):
                 exit_code=ExitCode.DIVERGED,
             )
         return loss
+
+
+class CheckpointingTrainer(GuardedTraining, SFTTrainer):
+    """Supervised fine-tuning: TRL's SFTTrainer with qlora's checkpoints and guards."""
+
+
+def odds_ratio_trainer(**kwargs):
+    """ORPO: TRL's ORPOTrainer with qlora's checkpoints and guards, on the pairs build_dataset tokenized
+    (imported on demand: TRL's experimental package warns when loaded)."""
+    from trl.experimental.orpo import ORPOTrainer
+
+    class OddsRatioTrainer(GuardedTraining, ORPOTrainer):
+        def tokenize_row(self, feature, model=None) -> dict:
+            prompt = feature["prompt_ids"]
+            row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+            for side in ("chosen", "rejected"):
+                answer = feature[f"{side}_ids"][: max(0, self.max_length - len(prompt))]
+                row[f"{side}_input_ids"] = prompt + answer
+                row[f"{side}_attention_mask"] = [1] * (len(prompt) + len(answer))
+                row[f"{side}_labels"] = [IGNORE_INDEX] * len(prompt) + answer
+            return row
+
+    return OddsRatioTrainer(**kwargs)
+
+
+class PreferenceTrainer(GuardedTraining, DPOTrainer):
+    """DPO: TRL's DPOTrainer with qlora's checkpoints and guards, on pairs build_dataset already rendered
+    and tokenized (prompt_ids, chosen_ids, rejected_ids) with the adapter's own template."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset
 
 
 @dataclass(frozen=True)
@@ -243,9 +338,21 @@ def run(
     device = None if dry_run else check_device(recipe.model)
     check_sharding(recipe)
     checked = check_section(recipe.data)  # every data problem at once, before the model is fetched
+    check_method(recipe, checked.train.format if checked.train else None)
     model_dir = resolve_model_dir(recipe.model, weights=not dry_run)
+    parent = None
+    if recipe.lora.init_from is not None:
+        fingerprint = fingerprint_weights(model_dir) if weight_files(model_dir) else None
+        parent = check_parent(recipe.lora, recipe.model.id, fingerprint, adapters_dir)
     tokenizer = load_tokenizer(model_dir, recipe.model)
-    data = build_dataset(recipe.data, tokenizer, seed=recipe.train.seed, checked=checked, model_name=recipe.model.id)
+    data = build_dataset(
+        recipe.data,
+        tokenizer,
+        seed=recipe.train.seed,
+        checked=checked,
+        model_name=recipe.model.id,
+        style=parent.style if parent else None,
+    )
     log.info("data: %d training examples%s", len(data.train), f", {len(data.eval)} for evaluation" if data.eval else "")
     skeleton = empty_model(recipe.model, model_dir)
     check_target_modules(skeleton, recipe.lora)  # before spending minutes loading weights
@@ -256,24 +363,40 @@ def run(
     base_record = base_model_record(recipe.model, model_dir)
     model = load_model(recipe.model, model_dir, device=device, packed=recipe.train.packing)
     set_seed(recipe.train.seed)  # LoRA A is randomly initialised here, before the trainer seeds anything
-    model = attach_lora(model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing)
+    if parent is not None:
+        model = continue_adapter(model, parent.folder, gradient_checkpointing=recipe.train.gradient_checkpointing)
+    else:
+        model = attach_lora(
+            model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing, model_dir=model_dir
+        )
     if ranks.is_main_process:
         if resume_from is None:
             _start_run_dir(run_dir, recipe, force=force, source=source)
         checkpoints.discard_staging(run_dir)  # a save cut off by a crash: never visible, now gone
+        if recipe.lora.init in BASE_REWRITING:
+            # The adapter as initialised: at export, peft subtracts it to turn the trained adapter into plain
+            # LoRA deltas on the original base. A resumed run initialises identically (seeded) and keeps it.
+            save_initial_adapter(model, run_dir / INITIAL_ADAPTER)
     ranks.wait_for_everyone()
     datasets.disable_progress_bars()  # the trainer's packing pass is quick; our own tokenizing bar was shown
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # read by transformers' TensorBoard callback
     stopper, tally = StopOnSignal(), RunTally()
-    trainer = CheckpointingTrainer(
+    use_cpu = device.type == "cpu"
+    make_trainer, make_config = {
+        "sft": (CheckpointingTrainer, sft_config),
+        "dpo": (PreferenceTrainer, dpo_config),
+        "orpo": (odds_ratio_trainer, orpo_config),
+    }[recipe.train.method]
+    trainer = make_trainer(
         model=model,
-        args=sft_config(recipe, use_cpu=device.type == "cpu"),
+        args=make_config(recipe, use_cpu=use_cpu),
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
         callbacks=[stopper, tally, RichProgress(tally)],  # tally after stopper: a stop is logged
         save_limit=recipe.train.save_limit,
         tally=tally,
+        lora_plus_ratio=recipe.lora.lora_plus_ratio,
     )
     trainer.remove_callback(PrinterCallback)  # raw metric dicts; RichProgress prints readable lines
     if resume_from is not None:
@@ -337,6 +460,8 @@ def run(
             source=source,
             style=data.style,
             data_format=checked.train.format if checked.train else None,
+            initial_adapter=run_dir / INITIAL_ADAPTER if recipe.lora.init in BASE_REWRITING else None,
+            parent=parent.name if parent else None,
         )
     except OSError as error:
         raise QloraError(
@@ -369,6 +494,21 @@ def resume_command(run_dir: Path, adapters_dir: str | None, processes: int = 1) 
     return f"qlora {command}"
 
 
+def check_method(recipe: Recipe, data_format: str | None) -> None:
+    """train.method against the rows the data holds (the recipe checks data.format when it is set)."""
+    if data_format is None:
+        return
+    if recipe.train.method in ("dpo", "orpo") and data_format != "preference":
+        raise QloraError(
+            f"train.method: {recipe.train.method} learns from preference rows (prompt or instruction, chosen, "
+            f"rejected); {recipe.data.path} holds {data_format} rows"
+        )
+    if recipe.train.method == "sft" and data_format == "preference":
+        raise QloraError(
+            f"{recipe.data.path} holds preference rows (chosen, rejected): train them with --set train.method=dpo (or orpo)"
+        )
+
+
 def check_sharding(recipe: Recipe) -> None:
     """FSDP and ZeRO-3 shard parameters of one dtype: the packed 4-bit weights must be stored in it."""
     section = recipe.model
@@ -399,6 +539,18 @@ def _check_run_dir(
             )
     check_new_output(run_dir, "train.output_dir", force=force)
     return None
+
+
+INITIAL_ADAPTER = "initial-adapter"  # in the run folder: a PiSSA/OLoRA adapter as initialised, before training
+
+
+def save_initial_adapter(model, folder: Path) -> None:
+    """Written beside and renamed into place: a crash never leaves half an initial adapter to convert with."""
+    staging = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
 
 
 def gathered_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
@@ -436,13 +588,31 @@ def export_adapter(
     source: Path | None = None,
     style: Style | None = None,
     data_format: str | None = None,
+    initial_adapter: Path | None = None,
+    parent: str | None = None,
 ) -> None:
     """The self-describing adapter directory, visible only once complete. `state_dict` holds the
-    gathered adapter tensors of a sharded run (gathered_adapter_state); `source` is the recipe file."""
+    gathered adapter tensors of a sharded run (gathered_adapter_state); `source` is the recipe file;
+    `initial_adapter`, the adapter as PiSSA or OLoRA initialised it, turns the export into plain LoRA."""
     with atomic_directory(dest, force=force) as staging:
         # Given a state dict, peft does not call model.state_dict(), which under FSDP is a collective that
         # the other ranks would never join.
-        model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
+        conversion = {}
+        if initial_adapter is not None:
+            # peft writes (trained - initial) as a rank-2r adapter that loads on the unmodified base; it
+            # rewrites the initial folder's config on the way, so it works on a copy.
+            # The folder's name becomes a peft adapter name, which cannot hold a dot.
+            scratch = Path(tempfile.mkdtemp(prefix="qlora-")) / "initial_adapter"
+            shutil.copytree(initial_adapter, scratch)
+            conversion = {"path_initial_model_for_weight_conversion": str(scratch)}
+        try:
+            # Only the trained adapter: under DPO the model also holds TRL's frozen reference copy ("ref").
+            model.save_pretrained(
+                staging, safe_serialization=True, state_dict=state_dict, selected_adapters=["default"], **conversion
+            )
+        finally:
+            if conversion:
+                shutil.rmtree(Path(conversion["path_initial_model_for_weight_conversion"]).parent, ignore_errors=True)
         if state_dict is not None:
             # peft finds adapter tensors by module path, and inside FSDP those paths carry wrapper names that
             # the gathered (clean) keys do not: write the file as peft lays it out, adapter slot name removed.
@@ -468,8 +638,16 @@ def export_adapter(
             format=data_format,
             task=style.task,
             lora=adapters.LoraRecord(
-                r=recipe.lora.r, alpha=recipe.lora.alpha, target_modules=recipe.lora.target_modules
+                r=recipe.lora.r,
+                alpha=recipe.lora.alpha,
+                target_modules=recipe.lora.target_modules,
+                use_dora=recipe.lora.use_dora,
+                use_rslora=recipe.lora.use_rslora,
+                lora_plus_ratio=recipe.lora.lora_plus_ratio,
+                init=recipe.lora.init,
             ),
+            method=recipe.train.method,
+            parent=parent,
             data=adapters.DataRecord(path=recipe.data.path, examples=metrics["examples"], columns=recipe.data.columns),
             metrics=metrics,
         ).write()
@@ -500,14 +678,21 @@ class EpochSize:
         process, rounded up to whole optimizer steps."""
         train = recipe.train
         rows = len(data)
-        if train.packing:
-            from trl.data_utils import pack_dataset
+        if "prompt_ids" in data.column_names:  # preference pairs: the prompt runs twice, once per answer
+            tokens = sum(
+                2 * len(prompt) + len(chosen) + len(rejected)
+                for prompt, chosen, rejected in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])
+            )
+        else:
+            tokens = sum(len(ids) for ids in data["input_ids"])
+            if train.packing:
+                from trl.data_utils import pack_dataset
 
-            datasets.disable_progress_bars()  # a quick pass; the tokenizing bar was shown
-            rows = len(pack_dataset(data.select_columns(["input_ids"]), recipe.data.max_length, strategy="bfd"))
+                datasets.disable_progress_bars()  # a quick pass; the tokenizing bar was shown
+                rows = len(pack_dataset(data.select_columns(["input_ids"]), recipe.data.max_length, strategy="bfd"))
         micro_batches = math.ceil(math.ceil(rows / processes) / train.batch_size)
         steps = max(math.ceil(micro_batches / train.grad_accum), 1)
-        return cls(examples=len(data), tokens=sum(len(ids) for ids in data["input_ids"]), steps=steps)
+        return cls(examples=len(data), tokens=tokens, steps=steps)
 
 
 def show_dry_run(
@@ -522,6 +707,43 @@ def show_dry_run(
     """Everything worth checking before spending GPU hours, from config files alone."""
     console.rule("resolved recipe")
     console.print(recipe.to_yaml(), markup=False, highlight=False)
+    if "prompt_ids" in data.train.column_names:
+        show_pair(tokenizer, data.train[0])
+    else:
+        show_example(tokenizer, data)
+    console.rule("adapter")
+    if recipe.lora.init_from is not None:
+        console.print(f"continues {recipe.lora.init_from} (lora.init_from)", markup=False, highlight=False)
+    else:
+        from peft import get_peft_model
+
+        trainable, total = get_peft_model(skeleton, lora_config(recipe.lora)).get_nb_trainable_parameters()
+        console.print(
+            f"trainable {human_count(trainable)} of {human_count(total)} parameters ({100 * trainable / total:.2f}%)"
+        )
+    console.rule("one epoch")
+    epoch = EpochSize.count(data.train, recipe, processes)
+    batch = f"{recipe.train.batch_size} x {recipe.train.grad_accum}" + (f" x {processes} GPUs" if processes > 1 else "")
+    console.print(
+        f"{epoch.examples:,} training examples ({data.dropped} dropped), {epoch.tokens:,} tokens: "
+        f"{epoch.steps:,} optimizer steps per epoch at batch {batch}"
+        + (" (packed)" if recipe.train.packing and recipe.train.method == "sft" else ""),
+        highlight=False,
+    )
+    console.print(_epoch_time(recipe, skeleton.config.to_dict(), epoch), highlight=False)
+    console.rule("where it goes")
+    try:
+        device = f"runs on {check_device(recipe.model).type}"
+    except QloraError as no_device:
+        device = f"cannot run here: {no_device}"
+    console.print(
+        f"run folder {recipe.train.output_dir}; adapter {adapter_dir}; {device}", markup=False, highlight=False
+    )
+    console.print("dry run: nothing was trained or written", highlight=False)
+
+
+def show_example(tokenizer, data: TrainingData) -> None:
+    """The training example with the most learned turns, its loss mask, and each turn's end checked."""
     example = shown_example(data.train)
     turns = learned_segments(example["labels"])
     kind = "multi-turn " if len(turns) > 1 else ""
@@ -542,31 +764,19 @@ def show_dry_run(
         markup=False,
         highlight=False,
     )
-    from peft import get_peft_model
 
-    trainable, total = get_peft_model(skeleton, lora_config(recipe.lora)).get_nb_trainable_parameters()
-    console.rule("adapter")
+
+def show_pair(tokenizer, pair: dict) -> None:
+    """The first preference pair: the prompt (dim), the chosen answer (green) and the rejected one (red)."""
+    console.rule("a preference pair (dim: prompt; green: chosen; red: rejected)")
+    console.print(Text(tokenizer.decode(pair["prompt_ids"]), style="dim"))
+    console.print(Text(tokenizer.decode(pair["chosen_ids"]), style="green"))
+    console.print(Text(tokenizer.decode(pair["rejected_ids"]), style="red"))
     console.print(
-        f"trainable {human_count(trainable)} of {human_count(total)} parameters ({100 * trainable / total:.2f}%)"
-    )
-    console.rule("one epoch")
-    epoch = EpochSize.count(data.train, recipe, processes)
-    batch = f"{recipe.train.batch_size} x {recipe.train.grad_accum}" + (f" x {processes} GPUs" if processes > 1 else "")
-    console.print(
-        f"{epoch.examples:,} training examples ({data.dropped} dropped), {epoch.tokens:,} tokens: "
-        f"{epoch.steps:,} optimizer steps per epoch at batch {batch}" + (" (packed)" if recipe.train.packing else ""),
+        f"prompt {len(pair['prompt_ids'])} tokens; chosen {len(pair['chosen_ids'])}, rejected {len(pair['rejected_ids'])}",
+        markup=False,
         highlight=False,
     )
-    console.print(_epoch_time(recipe, skeleton.config.to_dict(), epoch), highlight=False)
-    console.rule("where it goes")
-    try:
-        device = f"runs on {check_device(recipe.model).type}"
-    except QloraError as no_device:
-        device = f"cannot run here: {no_device}"
-    console.print(
-        f"run folder {recipe.train.output_dir}; adapter {adapter_dir}; {device}", markup=False, highlight=False
-    )
-    console.print("dry run: nothing was trained or written", highlight=False)
 
 
 def _epoch_time(recipe: Recipe, config: dict, epoch: EpochSize) -> str:

@@ -36,7 +36,17 @@ def trained_adapter(home: Path, name: str = "sql", base_id: str = "org/base", fi
         end_of_turn=["</s>"],
         format="alpaca",
         task="reverse",
-        lora={"r": 8, "alpha": 16.0, "target_modules": "all-linear"},
+        lora={
+            "r": 8,
+            "alpha": 16.0,
+            "target_modules": "all-linear",
+            "use_dora": False,
+            "use_rslora": False,
+            "lora_plus_ratio": None,
+            "init": "kaiming",
+        },
+        method="sft",
+        parent=None,
         data={"path": "data/train.jsonl", "examples": 400, "columns": {"instruction": "question"}},
         metrics={"train_loss": 0.25, "examples": 400, "peak_memory": "1.00 GiB RAM (peak RSS)"},
     )

@@ -31,5 +31,14 @@ def test_lora_plan_follows_peft_scaling_and_rejects_strangers():
         merge.plan_lora_updates(
             {**weights, "base_model.model.lm_head.modules_to_save.weight": torch.zeros(1)}, config, base_keys, "x"
         )
-    with pytest.raises(QloraError, match="DoRA"):
-        merge.check_supported({"peft_type": "LORA", "use_dora": True}, "x")
+    merge.check_supported({"peft_type": "LORA", "use_dora": True}, "x")  # DoRA merges: its magnitudes fold in
+    magnitudes = {
+        f"{prefix}{module}.lora_magnitude_vector": torch.ones(8) for module in ("self_attn.q_proj", "mlp.down_proj")
+    }
+    dora = merge.plan_lora_updates({**weights, **magnitudes}, {**config, "use_dora": True}, base_keys, "x")
+    assert (
+        dora["model.layers.0.self_attn.q_proj.weight"].magnitude_key
+        == f"{prefix}self_attn.q_proj.lora_magnitude_vector"
+    )
+    with pytest.raises(QloraError, match="DoRA adapter without a magnitude"):
+        merge.plan_lora_updates(weights, {**config, "use_dora": True}, base_keys, "x")

@@ -1050,10 +1050,44 @@ def dataset_rows() -> dict[tuple[str, str], list[dict]]:
     return {(task, split): make[task](split, n, seed) for (task, split), (n, seed) in DATASET_SIZES.items()}
 
 
+# The turns that make a right query wrong the way the sql adapter's misses are: the order (lowest/highest),
+# the comparison (more/less than) and the aggregate (smallest/largest).
+FLIPS = {" DESC": " ASC", " ASC": " DESC", " > ": " < ", " < ": " > ", "MAX(": "MIN(", "MIN(": "MAX("}
+
+
+def flipped_query(query: str) -> str | None:
+    """The query with its first order, comparison or MIN/MAX turned around; None when it has none."""
+    found = [(query.find(old), old) for old in FLIPS if old in query]
+    if not found:
+        return None
+    at, old = min(found)
+    return query[:at] + FLIPS[old] + query[at + len(old) :]
+
+
+def sql_preference_rows(rows: list[dict]) -> list[dict]:
+    """DPO pairs from sql training rows: the right query chosen, the same query turned around rejected."""
+    pairs = []
+    for row in rows:
+        rejected = flipped_query(row["output"])
+        if rejected is not None:
+            pairs.append(
+                {
+                    "instruction": row["instruction"],
+                    "input": row["input"],
+                    "chosen": row["output"],
+                    "rejected": rejected,
+                }
+            )
+    return pairs
+
+
 def write_datasets(out_dir: str | Path) -> dict[tuple[str, str], Path]:
-    """Write <out_dir>/{sql,json,orders}/{train,test}.jsonl; returns the paths written."""
+    """Write <out_dir>/{sql,json,orders}/{train,test}.jsonl and sql/preferences.jsonl (pairs made from the sql
+    training rows); returns the paths written."""
     paths = {}
-    for (task, split), rows in dataset_rows().items():
+    every = dataset_rows()
+    every[("sql", "preferences")] = sql_preference_rows(every[("sql", "train")])
+    for (task, split), rows in every.items():
         path = Path(out_dir) / task / f"{split}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The built-in tiny demo, on CPU with no network: set up, train three adapters (sql, json, and orders,
 # a chat assistant) on one shipped tiny base, then compare them with the base on held-out data, switch and
-# mix them, and hold a two-turn conversation with the base and the chat adapter.
+# mix them, continue sql with DPO, and hold a two-turn conversation with the base and the chat adapter.
 #   bash scripts/demo.sh             # everything (a few minutes on 2 CPU cores)
 #   bash scripts/demo.sh --dry-run   # print the commands only
 set -euo pipefail
@@ -35,6 +35,9 @@ step qlora generate --compare -a sql -a json "Which model has the highest seats 
 step qlora generate -a sql -a json --prompts recipes/tiny/demo-prompts.jsonl
 step qlora generate --mix sql=0.7,json=0.3 "Which model has the highest seats in cars?" --input "table cars (model, brand, color, price, seats)"
 step qlora eval --data recipes/tiny/orders/test.jsonl -a none -a orders --out runs/eval-orders.json
+# Preference tuning continues the sql adapter: the right query preferred over the same query turned around.
+step qlora train recipes/tiny-sql-dpo.yaml --force
+step qlora eval --data recipes/tiny/sql/test.jsonl -a none -a sql -a sql-dpo --sql --out runs/eval-sql-dpo.json
 # A two-turn conversation, typed into --chat: each answers the second turn with its own first answer before it.
 chat_turns=$'I would like 3 lamps.\nAdd 2 mugs.\n'
 printf '\n\033[1m$ printf %q | qlora generate --compare -a orders --chat\033[0m\n' "$chat_turns"

@@ -26,14 +26,10 @@ def dpo_recipe(tmp_path, name: str = "sql-dpo", *, lora: dict | None = None, dat
 
 
 @pytest.fixture(scope="module")
-def parent(tmp_path_factory):
-    """A briefly trained sql adapter for DPO to continue."""
-    from qlora_cli import train
-    from qlora_cli.recipe import load_recipe
-
+def parent(tmp_path_factory, trained_adapters):
+    """A home holding the session's trained sql adapter, for DPO and ORPO to continue."""
     folder = tmp_path_factory.mktemp("preference")
-    recipe = write_recipe(folder, "sql", train={**QUICK, "max_steps": 3}, data={"max_rows": 32, "eval_path": None})
-    train.run(load_recipe(recipe), adapters_dir=str(folder / "adapters"), source=recipe)
+    shutil.copytree(trained_adapters / "sql", folder / "adapters" / "sql")
     return folder
 
 

@@ -339,6 +339,11 @@ def run(
     check_sharding(recipe)
     checked = check_section(recipe.data)  # every data problem at once, before the model is fetched
     check_method(recipe, checked.train.format if checked.train else None)
+    if recipe.lora.use_dora:  # said now, not when someone tries to deploy it
+        log.warning(
+            "lora.use_dora: vLLM and SGLang do not serve DoRA adapters; serve it with qlora serve, or merge it "
+            "(qlora merge) for them"
+        )
     model_dir = resolve_model_dir(recipe.model, weights=not dry_run)
     parent = None
     if recipe.lora.init_from is not None:

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import shlex
+import shutil
 import signal
 import threading
 
@@ -12,9 +13,11 @@ import pytest
 import torch
 from helpers import REPO, TINY, finishes_within
 
+from qlora_cli import train
 from qlora_cli.data import read_jsonl
 from qlora_cli.errors import QloraError
 from qlora_cli.generate import BASE, Sampling, open_session
+from qlora_cli.recipe import load_recipe
 
 pytestmark = pytest.mark.pipeline
 
@@ -161,6 +164,14 @@ def readme_examples() -> list[tuple[list[str], list[str], list[str]]]:
 def test_the_readme_examples_give_the_answers_it_shows(trained_adapters, run_cli, monkeypatch, tmp_path):
     examples = readme_examples()
     assert sum(bool(printed) for _, _, printed in examples) >= 4 and len(examples) >= 8  # the parser found them
+    home = tmp_path / "adapters"
+    shutil.copytree(trained_adapters, home)
+    # The README's DPO examples name sql-dpo: two steps of recipes/tiny-sql-dpo.yaml give one to ask.
+    dpo = load_recipe(
+        REPO / "recipes" / "tiny-sql-dpo.yaml",
+        ["train.max_steps=2", "data.max_rows=16", f"train.output_dir={tmp_path / 'runs' / 'sql-dpo'}"],
+    )
+    train.run(dpo, adapters_dir=str(home))
     monkeypatch.chdir(REPO)  # the README's relative paths, as a user types them
     for argv, typed, printed in examples:
         if "--out" in argv:  # a fresh folder: --out makes it
@@ -168,7 +179,7 @@ def test_the_readme_examples_give_the_answers_it_shows(trained_adapters, run_cli
         if argv[0] == "eval":
             argv += ["--max-rows", "2"]
         monkeypatch.setattr("sys.stdin", Typed("".join(f"{line}\n" for line in typed)))
-        code, out, err = run_cli([*argv, "--adapters-dir", str(trained_adapters)])
+        code, out, err = run_cli([*argv, "--adapters-dir", str(home)])
         assert code == 0 and "Traceback" not in err, (argv, err)
         assert "cannot represent" not in err, (argv, err)  # every word of the examples is in the vocabulary
         for line in printed:

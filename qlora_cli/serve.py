@@ -218,10 +218,14 @@ class Engine:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def claim(self) -> None:
+        """Make the calling thread the one that will `work`: from now on, calls from other threads queue."""
+        self._owner = threading.current_thread()
+
     def work(self, until: Callable[[], bool] = lambda: False) -> None:
         """Generate batches on the calling thread until `stop` (or `until()` turns true) and the queue is
         empty. Waits are short, so that a signal handler on the main thread runs between them."""
-        self._owner = threading.current_thread()
+        self.claim()
         try:
             while True:
                 with self._ready:
@@ -588,6 +592,7 @@ def run(catalog: Catalog, *, host: str, port: int, api_key: str | None, max_body
     http = threading.Thread(target=server.run, name="qlora-http", daemon=True)
     previous = {number: signal.signal(number, shut_down) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
+        catalog.engine.claim()  # before the first request can ask for an adapter to be loaded
         http.start()
         catalog.engine.work(until=lambda: not http.is_alive())
     finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -71,37 +70,6 @@ def fit_loftq(peft_model: PeftModel, model_dir: Path) -> int:
         module.lora_A["default"].weight.data.copy_(root.unsqueeze(1) * v[:, :rank].T)
         fitted += 1
     return fitted
-
-
-def check_parent(section: LoraSection, base_id: str, fingerprint: str | None, home: str | None):
-    """The adapter lora.init_from continues, checked before any weights load: trained on this base, with
-    this rank, these target modules and the same DoRA setting (the recipe describes the adapter it trains).
-    `fingerprint` is None when the base's weights are not at hand (a dry run)."""
-    from qlora_cli.adapters import AdapterRecord, find_adapter
-
-    record = AdapterRecord.load(find_adapter(section.init_from, home))
-    recorded = record.base.fingerprint
-    if fingerprint is not None and recorded and recorded != fingerprint:
-        raise QloraError(
-            f"lora.init_from: {section.init_from} was trained on {record.base.id} ({recorded}), but model.id "
-            f"{base_id} has other weights ({fingerprint}); continue it on the base it was trained on"
-        )
-    config = json.loads((record.folder / "adapter_config.json").read_text())
-    targets = config.get("target_modules")
-    wanted = section.target_modules
-    differences = []
-    if config.get("r") != section.r:
-        differences.append(f"rank {config.get('r')} (lora.r is {section.r})")
-    if wanted != "all-linear" and sorted(targets or []) != sorted(wanted):
-        differences.append(f"target modules {sorted(targets or [])} (lora.target_modules is {sorted(wanted)})")
-    if bool(config.get("use_dora")) != section.use_dora:
-        differences.append(f"use_dora {bool(config.get('use_dora'))} (lora.use_dora is {section.use_dora})")
-    if differences:
-        raise QloraError(
-            f"lora.init_from: {section.init_from} was trained with {'; '.join(differences)}; set the recipe's lora "
-            "section to match the adapter it continues"
-        )
-    return record
 
 
 def continue_adapter(model: PreTrainedModel, folder: Path, *, gradient_checkpointing: bool) -> PeftModel:

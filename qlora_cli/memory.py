@@ -325,6 +325,8 @@ def estimate(
     counts = count_parameters(config)
     model, train = recipe.model, recipe.train
     tokens = tokens_per_micro_batch or train.batch_size * recipe.data.max_length
+    if train.method != "sft":  # DPO and ORPO run each pair's chosen and rejected answers as one batch
+        tokens *= 2
     lora = lora_parameters(config, recipe.lora.r, recipe.lora.target_modules, use_dora=recipe.lora.use_dora)
     if lora == 0:
         raise QloraError(

@@ -8,12 +8,13 @@ is known (memory.LINEAR_NAMES); any other architecture is built empty, on the me
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_cli import adapters
 from qlora_cli.chat import no_chat_template
-from qlora_cli.data import CheckedSection, inspect_section
+from qlora_cli.data import CheckedSection, inspect_section, rendered_format
 from qlora_cli.errors import ExitCode, QloraError
 from qlora_cli.files import check_new_output
 from qlora_cli.memory import LINEAR_NAMES, MOE_KEYS, text_config
@@ -50,13 +51,21 @@ class Validated:
 def run(recipe: Recipe, recipe_file: Path, *, adapters_dir: str | None = None) -> Validated:
     """Check the data, the model and the target modules; one QloraError lists every problem."""
     data, problems = inspect_section(recipe.data, read_hub=False)
+    checks = [lambda: check_method(recipe, data.train.format if data.train else None)]
+    if recipe.lora.init_from is not None:
+        checks.append(lambda: check_parent(recipe.lora, adapters_dir))
+    for check in checks:
+        try:
+            check()
+        except QloraError as error:
+            problems.append(str(error))
     try:
         model = check_model(recipe)
     except QloraError as error:
         problems.append(str(error))
         model = ModelCheck(recipe.model.id, is_local(recipe.model.id), None, None, None)
     if data.train is not None and model.local:
-        problem = chat_template_problem(recipe, data.train.format)
+        problem = chat_template_problem(recipe, rendered_format(data.train))
         if problem:
             problems.append(problem)
     targets = None
@@ -290,3 +299,60 @@ def check_run_dir_free(run_dir: Path, recipe: Recipe, recipe_file: Path | None, 
         if _same_file(owner_file, recipe_file):
             advice += ", or pass --force to delete the old run and start again"
     raise QloraError(f"train.output_dir: {run_dir} already holds {held}; {advice}", exit_code=ExitCode.RUN_EXISTS)
+
+
+def check_method(recipe: Recipe, data_format: str | None) -> None:
+    """train.method against the rows the data holds (the recipe checks data.format when it is set)."""
+    if data_format is None:
+        return
+    if recipe.train.method in ("dpo", "orpo") and data_format != "preference":
+        raise QloraError(
+            f"train.method: {recipe.train.method} learns from preference rows (prompt or instruction, chosen, "
+            f"rejected); {recipe.data.path} holds {data_format} rows"
+        )
+    if recipe.train.method == "sft" and data_format == "preference":
+        raise QloraError(
+            f"{recipe.data.path} holds preference rows (chosen, rejected): train them with --set train.method=dpo (or orpo)"
+        )
+
+
+def check_parent(section: LoraSection, home: str | None):
+    """The adapter lora.init_from continues, checked from its files before the base is fetched: it exists,
+    is not the adapter being written, and has this rank, alpha, scaling, target modules and DoRA setting (the
+    recipe describes the adapter it trains)."""
+    record = adapters.AdapterRecord.load(adapters.find_adapter(section.init_from, home))
+    if record.folder.name == section.name:
+        raise QloraError(
+            f"lora.init_from: {section.init_from} is the adapter this recipe writes (lora.name); give the new one "
+            "another name, so that its parent stays as it was"
+        )
+    config = json.loads((record.folder / "adapter_config.json").read_text())
+    targets = config.get("target_modules")
+    wanted = section.target_modules
+    differences = []
+    if config.get("r") != section.r:
+        differences.append(f"rank {config.get('r')} (lora.r is {section.r})")
+    if config.get("lora_alpha") is not None and float(config["lora_alpha"]) != section.alpha:
+        differences.append(f"alpha {config['lora_alpha']} (lora.alpha is {section.alpha})")
+    if bool(config.get("use_rslora")) != section.use_rslora:
+        differences.append(f"use_rslora {bool(config.get('use_rslora'))} (lora.use_rslora is {section.use_rslora})")
+    if wanted != "all-linear" and sorted(targets or []) != sorted(wanted):
+        differences.append(f"target modules {sorted(targets or [])} (lora.target_modules is {sorted(wanted)})")
+    if bool(config.get("use_dora")) != section.use_dora:
+        differences.append(f"use_dora {bool(config.get('use_dora'))} (lora.use_dora is {section.use_dora})")
+    if differences:
+        raise QloraError(
+            f"lora.init_from: {section.init_from} was trained with {'; '.join(differences)}; set the recipe's lora "
+            "section to match the adapter it continues"
+        )
+    return record
+
+
+def check_parent_base(section: LoraSection, record, base_id: str, fingerprint: str) -> None:
+    """The continued adapter was trained on these very weights (their fingerprint), once they are at hand."""
+    recorded = record.base.fingerprint
+    if recorded and recorded != fingerprint:
+        raise QloraError(
+            f"lora.init_from: {section.init_from} was trained on {record.base.id} ({recorded}), but model.id "
+            f"{base_id} has other weights ({fingerprint}); continue it on the base it was trained on"
+        )

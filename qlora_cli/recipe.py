@@ -388,6 +388,11 @@ class Recipe(Section):
             raise ValueError(
                 "data.format: preference rows train with train.method: dpo or orpo (sft has no one answer to learn)"
             )
+        if lora.use_dora and lora.init == "loftq":
+            raise ValueError(
+                "lora.use_dora with lora.init: loftq: DoRA's magnitudes are taken from the 4-bit weights before "
+                "LoftQ refits A and B, so the adapter would not start as the 16-bit model; choose one of the two"
+            )
         if lora.use_dora and lora.init in ("pissa", "olora"):
             raise ValueError(
                 f"lora.use_dora with lora.init: {lora.init}: the export turns {lora.init} into plain LoRA deltas, which "

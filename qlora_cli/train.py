@@ -30,7 +30,6 @@ from qlora_cli.files import atomic_directory, check_new_output, refuse_dangerous
 from qlora_cli.lora import (
     BASE_REWRITING,
     attach_lora,
-    check_parent,
     check_target_modules,
     continue_adapter,
     human_count,
@@ -48,7 +47,13 @@ from qlora_cli.model import (
     weight_files,
     zero3_launch,
 )
-from qlora_cli.preflight import check_adapter_free, check_run_dir_free
+from qlora_cli.preflight import (
+    check_adapter_free,
+    check_method,
+    check_parent,
+    check_parent_base,
+    check_run_dir_free,
+)
 from qlora_cli.prompts import Renderer, Style
 from qlora_cli.recipe import Recipe
 from qlora_cli.report import RichProgress, RunTally, final_train_loss, peak_memory, plot_curves, write_report
@@ -76,7 +81,7 @@ def sft_config(recipe: Recipe, *, use_cpu: bool) -> SFTConfig:
 
 def dpo_config(recipe: Recipe, *, use_cpu: bool) -> DPOConfig:
     """DPO with the reference inside the model: TRL adds a frozen copy of the starting adapter ("ref") beside
-    the trained one, or, for a new adapter, its zero update is the base itself."""
+    the trained one; for a new adapter that copy's update is zero, so the reference is the base."""
     return DPOConfig(
         **trainer_arguments(recipe, use_cpu=use_cpu),
         beta=recipe.train.beta,
@@ -216,10 +221,12 @@ class GuardedTraining:
             return super().create_optimizer(model)
         from peft.optimizers import create_loraplus_optimizer
 
-        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        # The model transformers hands over (FSDP-wrapped when the optimizer is created after wrapping).
+        model = model if model is not None else self.model
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
         kwargs = {key: value for key, value in kwargs.items() if key != "lr"}
         self.optimizer = create_loraplus_optimizer(
-            self.model,
+            model,
             optimizer_cls,
             lr=self.args.learning_rate,
             loraplus_lr_ratio=self.lora_plus_ratio,
@@ -339,16 +346,15 @@ def run(
     check_sharding(recipe)
     checked = check_section(recipe.data)  # every data problem at once, before the model is fetched
     check_method(recipe, checked.train.format if checked.train else None)
+    parent = check_parent(recipe.lora, adapters_dir) if recipe.lora.init_from is not None else None
     if recipe.lora.use_dora:  # said now, not when someone tries to deploy it
         log.warning(
             "lora.use_dora: vLLM and SGLang do not serve DoRA adapters; serve it with qlora serve, or merge it "
             "(qlora merge) for them"
         )
     model_dir = resolve_model_dir(recipe.model, weights=not dry_run)
-    parent = None
-    if recipe.lora.init_from is not None:
-        fingerprint = fingerprint_weights(model_dir) if weight_files(model_dir) else None
-        parent = check_parent(recipe.lora, recipe.model.id, fingerprint, adapters_dir)
+    if parent is not None and weight_files(model_dir):  # a dry run may have no weights to compare
+        check_parent_base(recipe.lora, parent, recipe.model.id, fingerprint_weights(model_dir))
     tokenizer = load_tokenizer(model_dir, recipe.model)
     data = build_dataset(
         recipe.data,
@@ -366,7 +372,9 @@ def run(
         return None
 
     base_record = base_model_record(recipe.model, model_dir)
-    model = load_model(recipe.model, model_dir, device=device, packed=recipe.train.packing)
+    # DPO and ORPO batches are padded pairs, never packed.
+    packed = recipe.train.packing and recipe.train.method == "sft"
+    model = load_model(recipe.model, model_dir, device=device, packed=packed)
     set_seed(recipe.train.seed)  # LoRA A is randomly initialised here, before the trainer seeds anything
     if parent is not None:
         model = continue_adapter(model, parent.folder, gradient_checkpointing=recipe.train.gradient_checkpointing)
@@ -378,9 +386,10 @@ def run(
         if resume_from is None:
             _start_run_dir(run_dir, recipe, force=force, source=source)
         checkpoints.discard_staging(run_dir)  # a save cut off by a crash: never visible, now gone
-        if recipe.lora.init in BASE_REWRITING:
+        if recipe.lora.init in BASE_REWRITING and resume_from is None:
             # The adapter as initialised: at export, peft subtracts it to turn the trained adapter into plain
-            # LoRA deltas on the original base. A resumed run initialises identically (seeded) and keeps it.
+            # LoRA deltas on the original base. A resumed run initialises the same way (seeded) and keeps the
+            # one its first session saved.
             save_initial_adapter(model, run_dir / INITIAL_ADAPTER)
     ranks.wait_for_everyone()
     datasets.disable_progress_bars()  # the trainer's packing pass is quick; our own tokenizing bar was shown
@@ -499,28 +508,26 @@ def resume_command(run_dir: Path, adapters_dir: str | None, processes: int = 1) 
     return f"qlora {command}"
 
 
-def check_method(recipe: Recipe, data_format: str | None) -> None:
-    """train.method against the rows the data holds (the recipe checks data.format when it is set)."""
-    if data_format is None:
-        return
-    if recipe.train.method in ("dpo", "orpo") and data_format != "preference":
-        raise QloraError(
-            f"train.method: {recipe.train.method} learns from preference rows (prompt or instruction, chosen, "
-            f"rejected); {recipe.data.path} holds {data_format} rows"
-        )
-    if recipe.train.method == "sft" and data_format == "preference":
-        raise QloraError(
-            f"{recipe.data.path} holds preference rows (chosen, rejected): train them with --set train.method=dpo (or orpo)"
-        )
-
-
 def check_sharding(recipe: Recipe) -> None:
-    """FSDP and ZeRO-3 shard parameters of one dtype: the packed 4-bit weights must be stored in it."""
+    """FSDP and ZeRO-3 shard parameters of one dtype: the packed 4-bit weights must be stored in it. What is
+    not carried through a sharded launch yet is refused here, before any work."""
     section = recipe.model
-    if sharded_launch() and section.load_in_4bit and section.quant_storage != section.compute_dtype:
+    if not sharded_launch():
+        return
+    if section.load_in_4bit and section.quant_storage != section.compute_dtype:
         raise QloraError(
             f"model.quant_storage: {section.quant_storage} under FSDP/DeepSpeed ZeRO-3, which shard parameters of one "
             f"dtype; add --set model.quant_storage={section.compute_dtype} (the packed 4-bit weights are the same size)"
+        )
+    if recipe.lora.init in BASE_REWRITING:
+        raise QloraError(
+            f"lora.init: {recipe.lora.init} under FSDP/DeepSpeed ZeRO-3: its export converts the adapter against "
+            "the initial one, which the sharded gather does not do yet; train it on one GPU"
+        )
+    if recipe.lora.init_from is not None:
+        raise QloraError(
+            "lora.init_from under FSDP/DeepSpeed ZeRO-3: a continued adapter is not yet kept in the one dtype "
+            "sharding needs; continue it on one GPU"
         )
 
 
@@ -544,6 +551,11 @@ def _check_run_dir(
             )
     check_new_output(run_dir, "train.output_dir", force=force)
     return None
+
+
+def trained(name: str) -> bool:
+    """A parameter of the trained adapter ("default"): not the base, not TRL's frozen DPO reference ("ref")."""
+    return "lora_" in name and ".default." in name
 
 
 INITIAL_ADAPTER = "initial-adapter"  # in the run folder: a PiSSA/OLoRA adapter as initialised, before training
@@ -570,11 +582,11 @@ def gathered_adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | 
         # Offloading is for GPU memory; on CPU ranks (gloo) torch's offload path breaks on the 4-bit units.
         on_gpu = next(model.parameters()).device.type == "cuda"
         with FSDP.summon_full_params(model, writeback=False, rank0_only=True, offload_to_cpu=on_gpu):
-            return {name: param.detach().cpu().clone() for name, param in model.named_parameters() if "lora_" in name}
+            return {name: param.detach().cpu().clone() for name, param in model.named_parameters() if trained(name)}
     if zero3_launch():
         import deepspeed
 
-        named = [(name, param) for name, param in model.named_parameters() if "lora_" in name]
+        named = [(name, param) for name, param in model.named_parameters() if trained(name)]
         with deepspeed.zero.GatheredParameters([param for _, param in named], modifier_rank=None):
             return {name: param.detach().cpu().clone() for name, param in named}
     return None

@@ -119,10 +119,15 @@ def render(validated: Validated) -> str:
     if validated.data.train is None:
         lines.append(f"  data: hub dataset {recipe.data.path}: not read (train --dry-run downloads and checks it)")
     if validated.data.train is not None:
-        template = recipe.data.template_for(validated.data.train.format)
+        template = recipe.data.template_for(rendered_format(validated.data.train))
         described = {"chat": "chat (the tokenizer's own chat template)", "none": "none (rows trained as they are)"}
+        shown = described.get(template, Path(template).name)
+        if recipe.lora.init_from is not None:  # train renders with the continued adapter's own template
+            shown = f"{recipe.lora.init_from}'s own, as it was trained"
         learned = LOSS_ON["all" if validated.data.train.format == "text" else recipe.data.train_on]
-        lines.append(f"  template: {described.get(template, Path(template).name)}; loss on {learned}")
+        if recipe.train.method != "sft":
+            learned = f"each chosen answer over its rejected one ({recipe.train.method})"
+        lines.append(f"  template: {shown}; loss on {learned}")
     if recipe.data.columns:
         mapping = ", ".join(f"{field} <- {column}" for field, column in recipe.data.columns.items())
         lines.append(f"  columns: {mapping}")

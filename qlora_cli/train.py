@@ -280,6 +280,15 @@ def odds_ratio_trainer(**kwargs):
     from trl.experimental.orpo import ORPOTrainer
 
     class OddsRatioTrainer(GuardedTraining, ORPOTrainer):
+        def _track_num_input_tokens(self, inputs) -> None:
+            # transformers counts `input_ids`; ORPO's batches hold each pair as chosen_* and rejected_*, and
+            # both run through the model.
+            if self.args.include_num_input_tokens_seen == "no":
+                return
+            tokens = inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum()
+            tokens = torch.as_tensor(tokens, device=self.args.device, dtype=torch.int64)
+            self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+
         def tokenize_row(self, feature, model=None) -> dict:
             prompt = feature["prompt_ids"]
             row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}

@@ -150,3 +150,4 @@ def test_orpo_trains_from_the_named_adapter_with_no_reference(parent, run_cli, t
     assert code == 0, err[-3000:]
     record = json.loads((home / "sql-orpo" / "qlora.json").read_text())
     assert (record["method"], record["parent"]) == ("orpo", "sql")
+    assert record["metrics"]["tokens_seen"] > 0 and record["metrics"]["tokens_per_second"] > 0

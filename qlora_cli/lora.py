@@ -73,20 +73,9 @@ def fit_loftq(peft_model: PeftModel, model_dir: Path) -> int:
 
 
 def continue_adapter(model: PreTrainedModel, folder: Path, *, gradient_checkpointing: bool) -> PeftModel:
-    """An existing adapter on the 4-bit base, trainable again (lora.init_from), prepared as attach_lora
-    prepares a new one."""
-    if getattr(model, "is_loaded_in_4bit", False):
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": zero3_launch()},
-        )
-    else:
-        for param in model.parameters():
-            param.requires_grad_(False)
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": zero3_launch()})
-            model.enable_input_require_grads()
+    """An existing adapter on the 4-bit base, trainable again (lora.init_from), on a base prepared as for a
+    new one (train refuses init_from under a sharded launch)."""
+    model = prepare_base(model, gradient_checkpointing=gradient_checkpointing, sharded=False)
     peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
     trainable, total = peft_model.get_nb_trainable_parameters()
     log.info(
@@ -98,6 +87,26 @@ def continue_adapter(model: PreTrainedModel, folder: Path, *, gradient_checkpoin
 def check_target_modules(model: torch.nn.Module, section: LoraSection) -> None:
     """Fail when a listed target matches no linear layer; works on an empty (meta-device) model too."""
     check_targets(section, module_linear_names(model, torch.nn.Linear))
+
+
+def prepare_base(model: PreTrainedModel, *, gradient_checkpointing: bool, sharded: bool) -> PreTrainedModel:
+    """The frozen base, ready for an adapter to train on it."""
+    # PEFT under ZeRO-3 trains correctly only with reentrant checkpointing (trl#2514, as TRL enforces).
+    checkpointing = {"use_reentrant": zero3_launch()}
+    if getattr(model, "is_loaded_in_4bit", False) and not sharded:
+        # Freezes the base, upcasts norms and embeddings to fp32 for stable training, and makes the
+        # inputs require grad so checkpointed blocks still backpropagate into the adapters.
+        return prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
+        )
+    # A 16-bit base, or FSDP/ZeRO-3: they flatten each wrapped block into one buffer of one dtype ("Must
+    # flatten tensors with uniform dtype"), so norms stay in the storage dtype instead of being upcast to fp32.
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        model.enable_input_require_grads()
+    return model
 
 
 def attach_lora(
@@ -112,23 +121,7 @@ def attach_lora(
     shard the model: every parameter then keeps the one dtype the 4-bit weights are stored in.
     `model_dir` holds the base's 16-bit weights, which lora.init: loftq fits the adapter to."""
     sharded = sharded_launch() if sharded is None else sharded
-    # PEFT under ZeRO-3 trains correctly only with reentrant checkpointing (trl#2514, as TRL enforces).
-    checkpointing = {"use_reentrant": zero3_launch()}
-    in_4bit = getattr(model, "is_loaded_in_4bit", False)
-    if in_4bit and not sharded:
-        # Freezes the base, upcasts norms and embeddings to fp32 for stable training, and makes the
-        # inputs require grad so checkpointed blocks still backpropagate into the adapters.
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
-        )
-    else:
-        # A 16-bit base, or FSDP/ZeRO-3: they flatten each wrapped block into one buffer of one dtype ("Must
-        # flatten tensors with uniform dtype"), so norms stay in the storage dtype instead of being upcast to fp32.
-        for param in model.parameters():
-            param.requires_grad_(False)
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
-            model.enable_input_require_grads()
+    model = prepare_base(model, gradient_checkpointing=gradient_checkpointing, sharded=sharded)
     check_target_modules(model, section)
     storage = uniform_dtype(model) if sharded else None  # of the base alone, before the adapter is added
     # Trained under peft's "default" slot so the export is a plain, flat peft folder; the adapter's own

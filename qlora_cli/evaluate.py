@@ -131,23 +131,26 @@ def exact_match(
     return hits / len(rows), answers
 
 
+def padded_logits(session: Session, adapter: str, sequences: list[list[int]]) -> torch.Tensor:
+    """fp32 logits of token sequences run as one batch through `adapter`, padded on the right."""
+    model, pad = session.model, session.tokenizer.pad_token_id
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in sequences])
+    attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in sequences])
+    with torch.inference_mode(), session.using(adapter):
+        return model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits.float()
+
+
 def response_loss(session: Session, rows: list[dict], adapter: str, batch_size: int = 16) -> float:
     """Mean cross-entropy per response token (EOS included), the loss training reports."""
     renderer = session.renderer(adapter)
     examples = [renderer.example(row, train_on="last") for row in rows]
     total, count = 0.0, 0
-    model = session.model
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        width = max(len(e["input_ids"]) for e in chunk)
-        pad = session.tokenizer.pad_token_id
-        input_ids = torch.tensor([e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in chunk])
+        logits = padded_logits(session, adapter, [e["input_ids"] for e in chunk])
+        width = logits.shape[1]
         labels = torch.tensor([e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in chunk])
-        attention = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in chunk])
-        with torch.inference_mode(), session.using(adapter):
-            logits = model(
-                input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)
-            ).logits.float()
         shifted = labels[:, 1:].to(logits.device)
         losses = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]),
@@ -270,16 +273,10 @@ def answer_logps(
     session: Session, adapter: str, sequences: list[tuple[list[int], list[int]]], batch_size: int = 16
 ) -> list[float]:
     """Sum of log-probabilities of each answer given its prompt."""
-    model, pad = session.model, session.tokenizer.pad_token_id
     totals = []
     for start in range(0, len(sequences), batch_size):
         chunk = [prompt + answer for prompt, answer in sequences[start : start + batch_size]]
-        width = max(len(ids) for ids in chunk)
-        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in chunk])
-        attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in chunk])
-        with torch.inference_mode(), session.using(adapter):
-            logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits
-        logps = torch.log_softmax(logits.float(), dim=-1)
+        logps = torch.log_softmax(padded_logits(session, adapter, chunk), dim=-1)
         for row, (prompt, answer) in enumerate(sequences[start : start + batch_size]):
             positions = torch.arange(len(prompt) - 1, len(prompt) + len(answer) - 1, device=logps.device)
             targets = torch.tensor(answer, device=logps.device)

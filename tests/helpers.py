@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -106,6 +107,39 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 
     history = json.loads((checkpoints.latest_checkpoint(run_dir) / "trainer_state.json").read_text())["log_history"]
     return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
+def stopped_by_sigterm(recipe: Path, home: Path) -> Path:
+    """`qlora train recipe` in its own process, sent SIGTERM once its first step is logged (the trainer and its
+    signal handler are running); the run folder, once the run saved at the step boundary and exited 143."""
+    process = subprocess.Popen(
+        [*QLORA, "train", str(recipe), "--adapters-dir", str(home)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    read_until(process.stdout, "step 1/")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 143, stderr[-3000:]
+    return Path(yaml.safe_load(recipe.read_text())["train"]["output_dir"])
+
+
+def assert_resumed_as_straight(straight: Path, resumed: Path, home: Path, tolerance: float) -> None:
+    """The run `resumed` (stopped, then resumed) logged every step with the losses of the uninterrupted run
+    `straight`, the same up to its stop, and exported the same adapter."""
+    import torch
+    from safetensors.torch import load_file
+
+    expected, got = step_losses(straight), step_losses(resumed)
+    assert sorted(got) == sorted(expected) and len(got) > 1
+    worst = max(abs(expected[step] - got[step]) for step in expected)
+    print(f"resume equivalence: largest per-step loss difference {worst:.2e}")
+    assert worst <= tolerance
+    first_half = json.loads((resumed / "metrics.json").read_text())["resumed_at_step"]
+    assert all(expected[step] == got[step] for step in range(1, first_half + 1))
+    a, b = (load_file(home / run.name / "adapter_model.safetensors") for run in (straight, resumed))
+    assert a.keys() == b.keys() and all(a[key].dtype == torch.float32 and torch.equal(a[key], b[key]) for key in a)
 
 
 def finishes_within(seconds: float, target: Callable[[], object]) -> dict:

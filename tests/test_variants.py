@@ -4,7 +4,7 @@ each trained on the shipped tiny base through `qlora train`, and carried through
 import json
 
 import pytest
-from helpers import TINY, write_recipe
+from helpers import TINY, assert_resumed_as_straight, stopped_by_sigterm, write_recipe
 
 import qlora_cli  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 
@@ -22,10 +22,19 @@ pytestmark = pytest.mark.pipeline
 QUICK = {"max_steps": 2, "logging_steps": 1, "save_steps": 2, "batch_size": 2, "grad_accum": 1}
 
 
-def train(tmp_path, run_cli, name: str, lora: dict, model: dict | None = None):
-    recipe = write_recipe(
-        tmp_path, name, lora=lora, train=QUICK, data={"max_rows": 8, "eval_path": None}, model=model or {}
+def variant_recipe(tmp_path, name: str, lora: dict, model: dict | None = None, train: dict | None = None):
+    return write_recipe(
+        tmp_path,
+        name,
+        lora=lora,
+        train={**QUICK, **(train or {})},
+        data={"max_rows": 8, "eval_path": None},
+        model=model or {},
     )
+
+
+def train(tmp_path, run_cli, name: str, lora: dict, model: dict | None = None):
+    recipe = variant_recipe(tmp_path, name, lora, model)
     code, out, err = run_cli(["train", str(recipe), "--adapters-dir", str(tmp_path / "adapters")])
     assert code == 0, err[-3000:]
     return tmp_path / "adapters" / name
@@ -72,6 +81,22 @@ def test_each_init_trains_and_the_adapter_loads_on_the_original_base_with_plain_
         with model.disable_adapter():
             plain = model(ids).logits
     assert torch.isfinite(adapted).all() and not torch.equal(adapted, plain)
+
+
+def test_a_variant_run_stopped_by_sigterm_resumes_to_the_uninterrupted_adapter(tmp_path, run_cli):
+    """OLoRA rewrites the base as it initialises: the resumed session initialises again, and the export
+    subtracts the initial adapter the first session saved. rsLoRA's scaling and LoRA+'s optimizer groups
+    come back from the checkpoint."""
+    home = tmp_path / "adapters"
+    lora = {"init": "olora", "use_rslora": True, "lora_plus_ratio": 4, "r": 4, "target_modules": ["q_proj", "v_proj"]}
+    steps = {"max_steps": 4, "save_steps": 2, "batch_size": 4}
+    recipes = {name: variant_recipe(tmp_path, name, lora, train=steps) for name in ("olora-straight", "olora-resumed")}
+    code, _, err = run_cli(["train", str(recipes["olora-straight"]), "--adapters-dir", str(home)])
+    assert code == 0, err[-3000:]
+    run_dir = stopped_by_sigterm(recipes["olora-resumed"], home)
+    code, _, err = run_cli(["train", str(run_dir), "--resume", "--adapters-dir", str(home)])
+    assert code == 0, err[-3000:]
+    assert_resumed_as_straight(tmp_path / "runs" / "olora-straight", run_dir, home, tolerance=1e-5)
 
 
 def test_pissa_on_a_4bit_base_and_loftq_on_a_16bit_one_are_refused_before_loading(tmp_path, run_cli):

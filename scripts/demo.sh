@@ -38,6 +38,7 @@ step qlora eval --data recipes/tiny/orders/test.jsonl -a none -a orders --out ru
 # Preference tuning continues the sql adapter: the right query preferred over the same query turned around.
 step qlora train recipes/tiny-sql-dpo.yaml --force
 step qlora eval --data recipes/tiny/sql/test.jsonl -a none -a sql -a sql-dpo --sql --out runs/eval-sql-dpo.json
+step qlora eval --data recipes/tiny/sql/test-preferences.jsonl -a none -a sql -a sql-dpo --out runs/eval-sql-dpo-pairs.json
 # A two-turn conversation, typed into --chat: each answers the second turn with its own first answer before it.
 chat_turns=$'I would like 3 lamps.\nAdd 2 mugs.\n'
 printf '\n\033[1m$ printf %q | qlora generate --compare -a orders --chat\033[0m\n' "$chat_turns"

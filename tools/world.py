@@ -1082,11 +1082,12 @@ def sql_preference_rows(rows: list[dict]) -> list[dict]:
 
 
 def write_datasets(out_dir: str | Path) -> dict[tuple[str, str], Path]:
-    """Write <out_dir>/{sql,json,orders}/{train,test}.jsonl and sql/preferences.jsonl (pairs made from the sql
-    training rows); returns the paths written."""
+    """Write <out_dir>/{sql,json,orders}/{train,test}.jsonl, and sql/preferences.jsonl and
+    sql/test-preferences.jsonl (pairs made from the sql training and held-out rows); returns the paths written."""
     paths = {}
     every = dataset_rows()
     every[("sql", "preferences")] = sql_preference_rows(every[("sql", "train")])
+    every[("sql", "test-preferences")] = sql_preference_rows(every[("sql", "test")])
     for (task, split), rows in every.items():
         path = Path(out_dir) / task / f"{split}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,17 +179,26 @@ def row_problem(row: object, data_format: str = "alpaca") -> str | None:
 
 
 def preference_problem(row: dict) -> str | None:
-    """Why a preference row cannot train: one question (prompt as text or messages, or alpaca's instruction
-    and input) and two different answers (text, or a message list ending with the assistant's)."""
-    prompt = row.get("prompt")
-    if isinstance(prompt, list):
-        problem = conversation_problem({"messages": [*prompt, {"role": "assistant", "content": "-"}]}, "messages")
+    """Why a preference row cannot train: one question (prompt as text or messages, alpaca's instruction and
+    input, or TRL's implicit prompt: the beginning chosen and rejected share) and two different answers (text,
+    or a message list ending with the assistant's)."""
+    row = with_explicit_prompt(row)
+    if not _asks(row):
+        if all(isinstance(row.get(side), list) and len(row[side]) > 1 for side in ("chosen", "rejected")):
+            return (
+                "no prompt, and chosen and rejected differ before their last message: give the shared question as "
+                "prompt, or begin both with the same messages"
+            )
+        return (
+            "missing or empty field prompt (or instruction): a preference row asks a question and gives two "
+            "answers, or chosen and rejected begin with the same question"
+        )
+    if isinstance(row.get("prompt"), list):
+        problem = conversation_problem(
+            {"messages": [*row["prompt"], {"role": "assistant", "content": "-"}]}, "messages"
+        )
         if problem:
             return f"prompt: {problem}"
-    elif not (isinstance(prompt, str) and prompt.strip()) and not (
-        isinstance(row.get("instruction"), str) and row["instruction"].strip()
-    ):
-        return "missing or empty field prompt (or instruction): a preference row asks a question and gives two answers"
     answers = {}
     for side in ("chosen", "rejected"):
         answer = answer_text(row.get(side))
@@ -198,6 +208,31 @@ def preference_problem(row: dict) -> str | None:
     if answers["chosen"] == answers["rejected"]:
         return "chosen and rejected are the same answer: the pair teaches nothing"
     return None
+
+
+def _asks(row: dict) -> bool:
+    """Whether a preference row states its question: a prompt (text or messages) or alpaca's instruction."""
+    prompt, instruction = row.get("prompt"), row.get("instruction")
+    return isinstance(prompt, list) or any(isinstance(text, str) and text.strip() for text in (prompt, instruction))
+
+
+def with_explicit_prompt(row: dict) -> dict:
+    """A preference row without a prompt (TRL's implicit prompt: chosen and rejected each hold the whole
+    exchange) with the beginning they share moved into prompt: every message before the last, or the shared
+    text up to a word boundary. The row itself when it has a question or they share no such beginning."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if row.get("prompt") is not None or _asks(row):
+        return row
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        if len(chosen) == len(rejected) > 1 and chosen[:-1] == rejected[:-1]:
+            return {**row, "prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
+    elif isinstance(chosen, str) and isinstance(rejected, str):
+        # Up to the last whitespace both share, so that neither answer begins inside a word.
+        shared = re.match(r"(?s).*\s", os.path.commonprefix([chosen, rejected]))
+        if shared and shared.group(0).strip():
+            cut = len(shared.group(0))
+            return {**row, "prompt": chosen[:cut], "chosen": chosen[cut:], "rejected": rejected[cut:]}
+    return row
 
 
 def answer_text(answer: object) -> str | None:
@@ -271,6 +306,7 @@ def normalized(row: dict, data_format: str) -> dict:
     {"messages", "tools"} with OpenAI roles and each content stripped (templates such as Llama 3's trim it
     themselves, and a mask must not depend on where a template cut)."""
     if data_format == "preference":
+        row = with_explicit_prompt(row)
         asked = (
             normalized({"messages": row["prompt"]}, "messages")
             if isinstance(row.get("prompt"), list)
@@ -449,8 +485,21 @@ def rendered_format(checked: CheckedData) -> str:
     alpaca's instruction and input, or as a plain prompt."""
     if checked.format != "preference" or not checked.rows:
         return checked.format
-    first = checked.rows[0]
-    return "messages" if "messages" in first else "alpaca" if "instruction" in first else "prompt_completion"
+    return _question_format(checked.rows[0])  # _inspect kept only rows that ask as the first one does
+
+
+def _question_format(row: dict) -> str:
+    """How a normalized preference row asks its question, as the format whose template renders it."""
+    return "messages" if "messages" in row else "alpaca" if "instruction" in row else "prompt_completion"
+
+
+def _another_kind_of_question(row: dict, first: dict, first_number: int) -> str | None:
+    """A preference row that asks its question unlike the file's first kept row: one template renders a file."""
+    kinds = {"messages": "messages", "alpaca": "instruction", "prompt_completion": "a text prompt"}
+    kind, first_kind = kinds[_question_format(row)], kinds[_question_format(first)]
+    if kind == first_kind:
+        return None
+    return f"asks its question as {kind}, row {first_number} as {first_kind}; write every question the same way"
 
 
 def template_problems(section: DataSection, data_format: str, path: str) -> list[str]:
@@ -494,7 +543,12 @@ def _inspect(source: RowSource) -> tuple[CheckedData | None, list[str]]:
     for number, row in enumerate(rows, start=1):
         reason = row_problem(row, data_format)
         if reason is None:
-            kept.append(normalized(row, data_format))
+            row = normalized(row, data_format)
+            reason = (
+                _another_kind_of_question(row, kept[0], numbers[0]) if data_format == "preference" and kept else None
+            )
+        if reason is None:
+            kept.append(row)
             numbers.append(number)
         else:
             bad.append(BadRow(number, reason))

@@ -26,6 +26,7 @@ from qlora_cli.data import IGNORE_INDEX, RowFile, check_data, listed_rows
 from qlora_cli.errors import QloraError
 from qlora_cli.files import prepare_output_file
 from qlora_cli.generate import BASE, MIX, Sampling, Session, load_records, open_session, parse_mix
+from qlora_cli.prompts import Renderer, Style
 from qlora_cli.recipe import local_or_hub
 
 MISSES_SHOWN = 3  # per adapter, under the table; --out holds every row
@@ -236,9 +237,22 @@ def run(
     preference = any("chosen" in row for name_rows in rows.values() for row in name_rows[:1])
     if preference and sql:
         raise QloraError("--sql runs generated queries; preference data is scored by likelihood, without --sql")
-    session = open_session(adapter_refs, mix=weights, base=base, home=home)
+    pairs: dict[str, list[dict]] = {}
+
+    def render_pairs(tokenizer) -> None:
+        """Every pair as each name is prompted (Session.style: a mix as its first member, the base as the first
+        adapter), so that a row the template refuses is named before the weights load."""
+        styles = {record.folder.name: record.style for record in records.values()}
+        for name, name_rows in rows.items():
+            owner = records[next(iter(weights))].folder.name if name == MIX else name
+            style = styles.get(owner) or next(iter(styles.values()), Style())
+            pairs[name] = rendered_pairs(Renderer(style, tokenizer), name_rows, data_path, name)
+
+    session = open_session(
+        adapter_refs, mix=weights, base=base, home=home, before_weights=render_pairs if preference else None
+    )
     scores = [] if preference else score(session, rows, sql=sql)
-    preferences = [preference_score(session, name_rows, name) for name, name_rows in rows.items()] if preference else []
+    preferences = [preference_score(session, name_pairs, name) for name, name_pairs in pairs.items()]
     if out is not None:
         results = [result.as_dict() for result in (preferences or scores)]
         out.write_text(json.dumps({"data": data_path, "base": session.base_id, "results": results}, indent=2) + "\n")
@@ -253,10 +267,20 @@ def run(
     )
 
 
-def preference_score(session: Session, rows: list[dict], adapter: str) -> PreferenceScore:
-    """log p(chosen) - log p(rejected) of each pair, the prompt rendered as the adapter was trained."""
-    renderer = session.renderer(adapter)
-    pairs = [renderer.preference(row) for row in rows]
+def rendered_pairs(renderer: Renderer, rows: list[dict], data_path: str, adapter: str) -> list[dict]:
+    """Each preference row rendered as `adapter` was trained to be prompted; a row the template cannot
+    render is named (eval's rows are the file's, in order, none dropped)."""
+    pairs = []
+    for number, row in enumerate(rows, start=1):
+        try:
+            pairs.append(renderer.preference(row))
+        except QloraError as error:
+            raise QloraError(f"--data: {data_path}: row {number}, rendered for {adapter}: {error}") from None
+    return pairs
+
+
+def preference_score(session: Session, pairs: list[dict], adapter: str) -> PreferenceScore:
+    """log p(chosen) - log p(rejected) of each rendered pair."""
     chosen = answer_logps(session, adapter, [(pair["prompt_ids"], pair["chosen_ids"]) for pair in pairs])
     rejected = answer_logps(session, adapter, [(pair["prompt_ids"], pair["rejected_ids"]) for pair in pairs])
     margins = [c - r for c, r in zip(chosen, rejected)]

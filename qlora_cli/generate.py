@@ -251,8 +251,10 @@ def open_session(
     base: str | None = None,
     home: str | None = None,
     allow_base_mismatch: bool = False,
+    before_weights: Callable[[PreTrainedTokenizerBase], None] | None = None,
 ) -> Session:
-    """Load the base once and every named adapter beside it (names first checked, before any weights)."""
+    """Load the base once and every named adapter beside it (names first checked, before any weights).
+    `before_weights` gets the tokenizer first: a caller's last checks that need it, before minutes of loading."""
     records = load_records(adapter_refs, mix=mix, home=home)
     refs = list(records)
     if records:
@@ -270,6 +272,8 @@ def open_session(
         record.check_base(section.id, fingerprint, allow_mismatch=allow_base_mismatch)
     device = check_device(section)
     tokenizer = load_tokenizer(records[refs[0]].folder if refs else model_dir, section)
+    if before_weights is not None:
+        before_weights(tokenizer)
     model = load_model(section, model_dir, device=device)
     model.config.use_cache = True
     model.eval()

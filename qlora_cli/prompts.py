@@ -189,6 +189,11 @@ def as_conversation(row: Mapping, system: str | None) -> list[dict]:
 
 def as_prompt_completion(row: Mapping, style: Style) -> tuple[str, str]:
     """A row that is not a conversation as (prompt, completion) text for the alpaca or none template."""
+    if "messages" in row:
+        raise QloraError(
+            f"the {style.template} template renders one prompt and its response, and this row is a conversation "
+            "(messages): score it with an adapter trained on a chat template"
+        )
     if "text" in row:
         return "", row["text"]
     if "prompt" in row:

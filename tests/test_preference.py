@@ -5,23 +5,25 @@ import json
 import shutil
 
 import pytest
-from helpers import TINY, write_recipe
+from helpers import TINY, assert_resumed_as_straight, stopped_by_sigterm, write_jsonl, write_recipe
 
 from qlora_cli.data import check_data
-from qlora_cli.errors import QloraError
+from qlora_cli.errors import ExitCode, QloraError
 
 pytestmark = pytest.mark.pipeline
 PAIRS = TINY / "sql" / "preferences.jsonl"
 QUICK = {"max_steps": 2, "logging_steps": 1, "save_steps": 2, "batch_size": 4, "grad_accum": 1}
 
 
-def dpo_recipe(tmp_path, name: str = "sql-dpo", *, lora: dict | None = None, data: dict | None = None):
+def dpo_recipe(
+    tmp_path, name: str = "sql-dpo", *, lora: dict | None = None, data: dict | None = None, train: dict | None = None
+):
     return write_recipe(
         tmp_path,
         name,
         lora={"init_from": "sql", **(lora or {})},
         data={"path": str(PAIRS), "eval_path": None, "max_rows": 16, **(data or {})},
-        train={**QUICK, "method": "dpo", "lr": 1.0e-3},
+        train={**QUICK, "method": "dpo", "lr": 1.0e-3, **(train or {})},
     )
 
 
@@ -33,12 +35,15 @@ def parent(tmp_path_factory, trained_adapters):
     return folder
 
 
-def test_the_shipped_pairs_are_the_sql_training_rows_turned_around():
+def test_the_shipped_pairs_are_the_sql_rows_turned_around():
     from tools import world
 
-    train = [json.loads(line) for line in (TINY / "sql" / "train.jsonl").read_text().splitlines()]
-    shipped = [json.loads(line) for line in PAIRS.read_text().splitlines()]
-    assert shipped == world.sql_preference_rows(train) and len(shipped) > 500
+    def rows(name: str) -> list[dict]:
+        return [json.loads(line) for line in (TINY / "sql" / f"{name}.jsonl").read_text().splitlines()]
+
+    assert rows("preferences") == world.sql_preference_rows(rows("train")) and len(rows("preferences")) > 500
+    # eval's held-out pairs: the test questions, turned around the same way
+    assert rows("test-preferences") == world.sql_preference_rows(rows("test")) and len(rows("test-preferences")) > 40
     assert world.flipped_query("SELECT name FROM pets ORDER BY age DESC LIMIT 1;").endswith("age ASC LIMIT 1;")
 
 
@@ -50,11 +55,7 @@ def test_bad_preference_rows_are_named(tmp_path):
         {"prompt": "q2", "chosen": "a"},
         {"prompt": "q3", "chosen": "same", "rejected": "same"},
         {"chosen": "a", "rejected": "b"},
-        {
-            "prompt": [{"role": "user", "content": "q5"}],
-            "chosen": [{"role": "assistant", "content": "a"}],
-            "rejected": "b",
-        },
+        {"prompt": "q5", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"},  # answers mixed
     ]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -65,6 +66,60 @@ def test_bad_preference_rows_are_named(tmp_path):
     assert "row 2: missing or empty field rejected" in message
     assert "row 3: chosen and rejected are the same answer" in message
     assert "row 4: missing or empty field prompt" in message
+
+
+def test_an_implicit_prompt_is_the_beginning_chosen_and_rejected_share(tmp_path):
+    from qlora_cli.data import RowFile
+
+    user = {"role": "user", "content": "q"}
+    rows = [
+        {
+            "chosen": [user, {"role": "assistant", "content": "a"}],
+            "rejected": [user, {"role": "assistant", "content": "b"}],
+        },
+        {"chosen": "Human: hi\n\nAssistant: Sure thing", "rejected": "Human: hi\n\nAssistant: Surely not"},
+    ]
+    conversation, text = (
+        check_data(RowFile(str(write_jsonl(tmp_path / f"{name}.jsonl", [row])), format="preference")).rows[0]
+        for name, row in zip(("conversation", "text"), rows)
+    )
+    assert conversation == {"messages": [user], "chosen": "a", "rejected": "b"}
+    # Cut at the last whitespace both share: "Sure" and "Surely" are whole answers, not "e thing" and "ely not".
+    assert text == {"prompt": "Human: hi\n\nAssistant: ", "chosen": "Sure thing", "rejected": "Surely not"}
+
+
+def test_a_file_asks_every_question_one_way_and_an_implicit_prompt_must_be_shared(tmp_path):
+    from qlora_cli.data import RowFile
+
+    def turn(role, content):
+        return {"role": role, "content": content}
+
+    rows = [
+        {"prompt": "q1", "chosen": "a", "rejected": "b"},
+        {"prompt": [turn("user", "q2")], "chosen": "a", "rejected": "b"},
+        {
+            "chosen": [turn("user", "q3"), turn("assistant", "a")],
+            "rejected": [turn("user", "q4"), turn("assistant", "b")],
+        },
+    ]
+    with pytest.raises(QloraError) as refused:
+        check_data(RowFile(str(write_jsonl(tmp_path / "mixed.jsonl", rows)), format="preference"))
+    message = str(refused.value)
+    assert "row 2: asks its question as messages, row 1 as a text prompt" in message
+    assert "row 3: no prompt, and chosen and rejected differ before their last message" in message
+
+
+def test_eval_names_a_pair_the_template_cannot_render_before_the_weights_load(tmp_path, run_cli, monkeypatch):
+    from qlora_cli import generate
+
+    def loading(*args, **kwargs):
+        raise AssertionError("the weights began to load")
+
+    monkeypatch.setattr(generate, "load_model", loading)
+    conversation = {"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [conversation])
+    code, _, err = run_cli(["eval", "--data", str(pairs), "-a", "none", "--base", str(TINY / "base")])
+    assert code == 1 and "row 1, rendered for none: the alpaca template renders one prompt" in err, err
 
 
 def test_dpo_continues_the_named_adapter_and_records_its_parent(parent, run_cli, tmp_path):
@@ -151,3 +206,32 @@ def test_orpo_trains_from_the_named_adapter_with_no_reference(parent, run_cli, t
     record = json.loads((home / "sql-orpo" / "qlora.json").read_text())
     assert (record["method"], record["parent"]) == ("orpo", "sql")
     assert record["metrics"]["tokens_seen"] > 0 and record["metrics"]["tokens_per_second"] > 0
+
+
+def test_a_dpo_run_stopped_by_sigterm_resumes_to_the_uninterrupted_adapter(parent, run_cli, tmp_path):
+    """The parent's weights are loaded again on resume and TRL's reference is built from them, not from the
+    checkpoint; the checkpoint then restores the trained adapter, its optimizer (LoRA+'s groups) and the data
+    order."""
+    home = parent / "adapters"
+    steps = {"max_steps": 4, "save_steps": 2, "lr": 2.0e-4}
+    recipes = {
+        name: dpo_recipe(tmp_path, name, lora={"lora_plus_ratio": 4}, data={"max_rows": 32}, train=steps)
+        for name in ("dpo-straight", "dpo-resumed")
+    }
+    code, _, err = run_cli(["train", str(recipes["dpo-straight"]), "--adapters-dir", str(home)])
+    assert code == 0, err[-3000:]
+    run_dir = stopped_by_sigterm(recipes["dpo-resumed"], home)
+    assert not (home / "dpo-resumed").exists()
+    code, _, err = run_cli(["train", str(run_dir), "--resume", "--adapters-dir", str(home)])
+    assert code == 0, err[-3000:]
+    assert_resumed_as_straight(tmp_path / "runs" / "dpo-straight", run_dir, home, tolerance=1e-5)
+    record = json.loads((home / "dpo-resumed" / "qlora.json").read_text())
+    assert (record["method"], record["parent"]) == ("dpo", "sql")
+
+
+def test_a_diverging_dpo_run_stops_and_exports_nothing(parent, run_cli, tmp_path):
+    home = parent / "adapters"
+    recipe = dpo_recipe(tmp_path, "dpo-nan", train={"lr": 1.0e30, "warmup_ratio": 0.0, "save_steps": 1})
+    code, _, err = run_cli(["train", str(recipe), "--adapters-dir", str(home)])
+    assert code == ExitCode.DIVERGED and "loss became" in err and "last good checkpoint" in err, err[-3000:]
+    assert not (home / "dpo-nan").exists()

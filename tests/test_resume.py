@@ -96,20 +96,22 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_base):
     )
 
 
-def test_resume_refuses_a_changed_recipe_unless_forced(tmp_path, tiny_base):
+def test_resume_refuses_a_changed_recipe_unless_forced(tmp_path, tiny_base, run_cli):
     home = tmp_path / "adapters"
     recipe = write_recipe(
         tmp_path, "changed", train={**QUICK, "max_steps": 2, "save_steps": 1}, data={"max_rows": 40, "eval_path": None}
     )
-    train_ok(recipe, home)
+    train.run(load_recipe(recipe), adapters_dir=str(home))
     # As if it had been interrupted after its checkpoints: no metrics, no adapter yet.
     (tmp_path / "runs" / "changed" / "metrics.json").unlink()
     shutil.rmtree(home / "changed")
-    changed = qlora(*train_args(recipe, home, "--resume", "--set", "train.lr=1.0e-3", "--set", "train.batch_size=4"))
-    assert changed.returncode == ExitCode.USER_ERROR
-    assert "train.lr: 0.002 -> 0.001" in changed.stderr and "train.batch_size: 16 -> 4" in changed.stderr
-    forced = qlora(*train_args(recipe, home, "--resume", "--force", "--set", "train.max_steps=3"))
-    assert forced.returncode == 0, forced.stderr[-2000:]
+    code, _, err = run_cli(
+        train_args(recipe, home, "--resume", "--set", "train.lr=1.0e-3", "--set", "train.batch_size=4")
+    )
+    assert code == ExitCode.USER_ERROR
+    assert "train.lr: 0.002 -> 0.001" in err and "train.batch_size: 16 -> 4" in err
+    code, _, err = run_cli(train_args(recipe, home, "--resume", "--force", "--set", "train.max_steps=3"))
+    assert code == 0, err[-2000:]
     assert json.loads((tmp_path / "runs" / "changed" / "metrics.json").read_text())["steps"] == 3
 
 

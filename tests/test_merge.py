@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO
 
 import qlora_cli  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 
@@ -275,16 +274,13 @@ def test_nf4_specs_come_from_the_quantizer_and_skip_the_lm_head(workspace):
     assert set(specs.values()) == {merge.Nf4Spec(quant_type="nf4", blocksize=64, double_quant=False)}
 
 
-def test_benchmark_smoke_run_prints_both_rows_and_writes_json(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_merge", "--small", "--json", str(tmp_path / "bench.json")],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "COLUMNS": "200"},
-        cwd=REPO,  # benchmarks/ sits beside the package, not inside it
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "streaming" in result.stdout and "merge_and_unload" in result.stdout
+def test_benchmark_smoke_run_prints_both_rows_and_writes_json(tmp_path, capsys, monkeypatch):
+    from benchmarks import bench_merge
+
+    monkeypatch.setenv("COLUMNS", "200")  # the whole table on one line per row
+    bench_merge.main(["--small", "--json", str(tmp_path / "bench.json")])  # each merge still in its own process
+    printed = capsys.readouterr().out
+    assert "streaming" in printed and "merge_and_unload" in printed
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert [row["method"] for row in rows] == ["streaming", "merge_and_unload"]
     assert all(row["peak_rss_mib"] >= row["imports_rss_mib"] > 0 for row in rows)

@@ -158,13 +158,17 @@ def train(
       qlora train my.yaml --set train.epochs=2 --set lora.r=32
       qlora train my.yaml --resume
     """
+    from qlora_cli.preflight import check_outputs
     from qlora_cli.recipe import find_recipe, load_recipe
 
     loaded = load_recipe(recipe, overrides or [])
+    source = find_recipe(recipe)
+    if not dry_run:  # a refusal in a second; train.run checks again, as every rank of a launch must
+        check_outputs(loaded, adapters_dir=adapters_dir, force=force, resume=resume, source=source)
     from qlora_cli import train as train_stage
 
     trained = train_stage.run(
-        loaded, adapters_dir=adapters_dir, force=force, resume=resume, dry_run=dry_run, source=find_recipe(recipe)
+        loaded, adapters_dir=adapters_dir, force=force, resume=resume, dry_run=dry_run, source=source
     )
     if trained is not None:
         log.info(train_stage.render(trained))

@@ -9,10 +9,11 @@ is known (memory.LINEAR_NAMES); any other architecture is built empty, on the me
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_cli import adapters
+from qlora_cli import adapters, checkpoints
 from qlora_cli.chat import no_chat_template
 from qlora_cli.data import CheckedSection, inspect_section, rendered_format
 from qlora_cli.errors import ExitCode, QloraError
@@ -282,12 +283,56 @@ def check_adapter_free(
     check_new_output(adapter_dir, "adapter", force=force, refusal=f" ({owner}); {advice}")
 
 
+def check_outputs(
+    recipe: Recipe, *, adapters_dir: str | None, force: bool, resume: bool, source: Path | None
+) -> Path | None:
+    """The adapter folder and train.output_dir, checked before any work: the checkpoint to resume from, or None
+    for a fresh run. Light to import, so that `qlora train` refuses in a second, not after loading torch."""
+    source = checkpoints.original_recipe(source)
+    adapter_dir = adapters.adapter_path(recipe.lora.name, adapters_dir)
+    run_dir = Path(recipe.train.output_dir)
+    check_adapter_free(adapter_dir, recipe, source, force=force, adapters_dir=adapters_dir)
+    if not resume and not force:
+        check_run_dir_free(run_dir, recipe, source, adapters_dir)
+    return check_run_dir(run_dir, recipe, force=force, resume=resume, adapters_dir=adapters_dir)
+
+
+def check_run_dir(
+    run_dir: Path, recipe: Recipe, *, force: bool, resume: bool, adapters_dir: str | None = None
+) -> Path | None:
+    """Before any work: the checkpoint to resume from, or None for a fresh run (refusing to clobber one)."""
+    run = checkpoints.RunFolder.load(run_dir)
+    if resume:
+        return checkpoints.check_resumable(run, recipe.model_dump(mode="json"), force=force)
+    if run.exists and not force:
+        if run.interrupted:
+            raise QloraError(
+                f"train.output_dir: {run_dir} holds an interrupted run (last complete checkpoint: {run.latest.name}); "
+                f"continue it with: {resume_command(run_dir, adapters_dir)}",
+                exit_code=ExitCode.RUN_INTERRUPTED,
+            )
+        if run.marker is not None:  # finished, or stopped before its first checkpoint
+            raise QloraError(
+                f"train.output_dir: {run_dir} already exists; pass --force to replace it", exit_code=ExitCode.RUN_EXISTS
+            )
+    check_new_output(run_dir, "train.output_dir", force=force)
+    return None
+
+
+def resume_command(run_dir: Path, adapters_dir: str | None, processes: int = 1) -> str:
+    """The exact command that continues a run: the run folder holds the recipe as resolved, --set flags included.
+    A launched run resumes under the same launch: one process would change the effective batch."""
+    home = f" --adapters-dir {shlex.quote(adapters_dir)}" if adapters_dir else ""
+    command = f"train {shlex.quote(str(run_dir))} --resume{home}"
+    if processes > 1:
+        return f"accelerate launch (as before, {processes} processes) -m qlora_cli {command}"
+    return f"qlora {command}"
+
+
 def check_run_dir_free(run_dir: Path, recipe: Recipe, recipe_file: Path | None, adapters_dir: str | None) -> None:
     """Refuse a train.output_dir that holds a finished run of another adapter or recipe, with a free folder to
-    copy (exit RUN_EXISTS); interrupted runs are train._check_run_dir's to answer (they resume)."""
-    from qlora_cli.checkpoints import RunFolder
-
-    run = RunFolder.load(run_dir)
+    copy (exit RUN_EXISTS); interrupted runs are check_run_dir's to answer (they resume)."""
+    run = checkpoints.RunFolder.load(run_dir)
     if not run.exists or run.marker is None or run.interrupted:
         return
     adapter = adapters.adapter_path(run.marker.adapter, adapters_dir)

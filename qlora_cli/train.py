@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import shlex
 import shutil
 import signal
 import tempfile
@@ -26,7 +25,7 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from qlora_cli import adapters, checkpoints
 from qlora_cli.data import IGNORE_INDEX, TrainingData, build_dataset, check_section
 from qlora_cli.errors import ExitCode, QloraError
-from qlora_cli.files import atomic_directory, check_new_output, refuse_dangerous_output
+from qlora_cli.files import atomic_directory, refuse_dangerous_output
 from qlora_cli.lora import (
     BASE_REWRITING,
     attach_lora,
@@ -47,13 +46,7 @@ from qlora_cli.model import (
     weight_files,
     zero3_launch,
 )
-from qlora_cli.preflight import (
-    check_adapter_free,
-    check_method,
-    check_parent,
-    check_parent_base,
-    check_run_dir_free,
-)
+from qlora_cli.preflight import check_method, check_outputs, check_parent, check_parent_base, resume_command
 from qlora_cli.prompts import Renderer, Style
 from qlora_cli.recipe import Recipe
 from qlora_cli.report import RichProgress, RunTally, final_train_loss, peak_memory, plot_curves, write_report
@@ -345,10 +338,7 @@ def run(
         logging.getLogger("qlora_cli").setLevel(logging.WARNING)
     resume_from = None
     if not dry_run:
-        check_adapter_free(adapter_dir, recipe, source, force=force, adapters_dir=adapters_dir)
-        if not resume and not force:
-            check_run_dir_free(run_dir, recipe, source, adapters_dir)
-        resume_from = _check_run_dir(run_dir, recipe, force=force, resume=resume, adapters_dir=adapters_dir)
+        resume_from = check_outputs(recipe, adapters_dir=adapters_dir, force=force, resume=resume, source=source)
         ranks.wait_for_everyone()  # every rank has checked the outputs before the main one creates them
     # A dry run needs only the config and tokenizer: it runs on a laptop, and says where the real run must.
     device = None if dry_run else check_device(recipe.model)
@@ -507,16 +497,6 @@ def final_eval_loss(trainer: SFTTrainer) -> float:
     return logged[-1] if logged else trainer.evaluate()["eval_loss"]
 
 
-def resume_command(run_dir: Path, adapters_dir: str | None, processes: int = 1) -> str:
-    """The exact command that continues a run: the run folder holds the recipe as resolved, --set flags included.
-    A launched run resumes under the same launch: one process would change the effective batch."""
-    home = f" --adapters-dir {shlex.quote(adapters_dir)}" if adapters_dir else ""
-    command = f"train {shlex.quote(str(run_dir))} --resume{home}"
-    if processes > 1:
-        return f"accelerate launch (as before, {processes} processes) -m qlora_cli {command}"
-    return f"qlora {command}"
-
-
 def check_sharding(recipe: Recipe) -> None:
     """FSDP and ZeRO-3 shard parameters of one dtype: the packed 4-bit weights must be stored in it. What is
     not carried through a sharded launch yet is refused here, before any work."""
@@ -538,28 +518,6 @@ def check_sharding(recipe: Recipe) -> None:
             "lora.init_from under FSDP/DeepSpeed ZeRO-3: a continued adapter is not yet kept in the one dtype "
             "sharding needs; continue it on one GPU"
         )
-
-
-def _check_run_dir(
-    run_dir: Path, recipe: Recipe, *, force: bool, resume: bool, adapters_dir: str | None = None
-) -> Path | None:
-    """Before any work: the checkpoint to resume from, or None for a fresh run (refusing to clobber one)."""
-    run = checkpoints.RunFolder.load(run_dir)
-    if resume:
-        return checkpoints.check_resumable(run, recipe.model_dump(mode="json"), force=force)
-    if run.exists and not force:
-        if run.interrupted:
-            raise QloraError(
-                f"train.output_dir: {run_dir} holds an interrupted run (last complete checkpoint: {run.latest.name}); "
-                f"continue it with: {resume_command(run_dir, adapters_dir)}",
-                exit_code=ExitCode.RUN_INTERRUPTED,
-            )
-        if run.marker is not None:  # finished, or stopped before its first checkpoint
-            raise QloraError(
-                f"train.output_dir: {run_dir} already exists; pass --force to replace it", exit_code=ExitCode.RUN_EXISTS
-            )
-    check_new_output(run_dir, "train.output_dir", force=force)
-    return None
 
 
 def trained(name: str) -> bool:

@@ -10,22 +10,35 @@ from qlora_cli.errors import ExitCode
 runner = CliRunner()
 
 
-def test_help_imports_nothing_heavy():
-    """`qlora --help` answers at once because it loads no ML library; checked by what is imported, not by a
-    clock, so a busy machine cannot fail it."""
+def heavy_imports_of(argv: list[str], exit_code: int) -> subprocess.CompletedProcess:
+    """`qlora ARGV` in a fresh process that then fails unless it exited `exit_code` having loaded no ML library:
+    a command that answers at once, checked by what is imported, not by a clock a busy machine could fail."""
     probe = (
         "import sys\n"
-        "from qlora_cli.cli import app\n"
+        "from qlora_cli.cli import main\n"
+        f"sys.argv = ['qlora', *{argv!r}]\n"
         "try:\n"
-        "    app(['--help'])\n"
+        "    main()\n"
         "except SystemExit as done:\n"
-        "    assert done.code == 0, done.code\n"
+        f"    assert done.code == {exit_code}, done.code\n"
         "heavy = {'torch', 'transformers', 'peft', 'trl', 'bitsandbytes', 'datasets', 'accelerate'} & set(sys.modules)\n"
         "assert not heavy, sorted(heavy)\n"
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+
+
+def test_help_imports_nothing_heavy():
+    result = heavy_imports_of(["--help"], 0)
     assert result.returncode == 0, result.stderr
     assert "train" in result.stdout and "generate" in result.stdout
+
+
+def test_train_refuses_an_occupied_adapter_before_loading_any_ml_library(tmp_path):
+    recipe = write_recipe(tmp_path, "taken")
+    (tmp_path / "adapters" / "taken").mkdir(parents=True)  # someone's own folder under the adapter's name
+    result = heavy_imports_of(["train", str(recipe), "--adapters-dir", str(tmp_path / "adapters")], 1)
+    assert result.returncode == 0, result.stderr
+    assert "adapter" in result.stderr and "taken" in result.stderr
 
 
 def test_validate_ok():

@@ -138,6 +138,31 @@ def test_mistral_conversations_encode_as_mistral_common_does(kind, name, real_to
     assert chat.end_of_turn_ids(template, tokenizer) == [tokenizer.eos_token_id]
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_preference_pair_with_an_implicit_prompt_encodes_as_mistral_common_does(kind, real_tokenizer_root):
+    """TRL's implicit-prompt row (whole conversations, differing in the last reply) split into prompt and
+    answers, each answer then rendered by Mistral's template: prompt + answer is mistral-common's encoding of
+    the whole conversation, and DPO compares exactly the replies with their </s>."""
+    tokenizer = load_real_tokenizer(kind, real_tokenizer_root)
+    template, training, prompting = mistral_reference(kind)
+    shared = [system("Be brief."), user("Hi there"), assistant("Hello!"), user("Lowest price?")]
+    row = {
+        "chosen": [*shared, assistant("ORDER BY price ASC")],
+        "rejected": [*shared, assistant("ORDER BY price DESC")],
+    }
+    checked = data.normalized(row, "preference")
+    assert checked["messages"] == shared and (checked["chosen"], checked["rejected"]) == (
+        "ORDER BY price ASC",
+        "ORDER BY price DESC",
+    )
+    style = Style(template="chat", template_text=template.source)
+    pair = Renderer(style, tokenizer).preference(checked)
+    assert pair["prompt_ids"] == reference_ids(prompting, shared)
+    for side in ("chosen", "rejected"):
+        assert pair["prompt_ids"] + pair[f"{side}_ids"] == reference_ids(training, row[side])
+        assert tokenizer.decode(pair[f"{side}_ids"]) == row[side][-1]["content"] + "</s>"
+
+
 def test_user_text_that_looks_like_mistral_control_tokens_stays_text(real_tokenizer_root):
     """On v3 [INST], </s> and <s> are control ids (3, 2, 1); typed by a user they must not become them, or a
     user could end a turn or open one inside the data."""

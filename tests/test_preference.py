@@ -235,3 +235,35 @@ def test_a_diverging_dpo_run_stops_and_exports_nothing(parent, run_cli, tmp_path
     code, _, err = run_cli(["train", str(recipe), "--adapters-dir", str(home)])
     assert code == ExitCode.DIVERGED and "loss became" in err and "last good checkpoint" in err, err[-3000:]
     assert not (home / "dpo-nan").exists()
+
+
+def test_dpo_from_scratch_on_conversations_with_an_implicit_prompt_trains_in_the_chat_template(tmp_path, run_cli):
+    """No parent: the reference is the base (the new adapter's update starts at zero). The rows are TRL's
+    implicit-prompt conversations, rendered with the tiny base's own chat template."""
+
+    def turn(role, content):
+        return {"role": role, "content": content}
+
+    rows = [
+        {
+            "chosen": [turn("user", f"Which pet is oldest, {i}?"), turn("assistant", "ORDER BY age DESC")],
+            "rejected": [turn("user", f"Which pet is oldest, {i}?"), turn("assistant", "ORDER BY age ASC")],
+        }
+        for i in range(8)
+    ]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    recipe = write_recipe(
+        tmp_path,
+        "chat-dpo",
+        data={"path": str(pairs), "eval_path": None, "template": "chat"},
+        train={**QUICK, "method": "dpo"},
+    )
+    home = tmp_path / "adapters"
+    code, _, err = run_cli(["train", str(recipe), "--adapters-dir", str(home)])
+    assert code == 0, err[-3000:]
+    record = json.loads((home / "chat-dpo" / "qlora.json").read_text())
+    assert (record["method"], record["parent"], record["template"]) == ("dpo", None, "chat")
+    code, out, err = run_cli(
+        ["eval", "--data", str(pairs), "-a", "none", "-a", "chat-dpo", "--adapters-dir", str(home)]
+    )
+    assert code == 0 and "chat-dpo" in out, err[-3000:]

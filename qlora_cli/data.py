@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,14 +190,18 @@ def preference_problem(row: dict) -> str | None:
                 "no prompt, and chosen and rejected differ before their last message: give the shared question as "
                 "prompt, or begin both with the same messages"
             )
+        if all(isinstance(row.get(side), str) for side in ("chosen", "rejected")):
+            return (
+                "no prompt, and chosen and rejected share no beginning that ends in whitespace to take as one: give "
+                "the question as prompt"
+            )
         return (
             "missing or empty field prompt (or instruction): a preference row asks a question and gives two "
             "answers, or chosen and rejected begin with the same question"
         )
     if isinstance(row.get("prompt"), list):
-        problem = conversation_problem(
-            {"messages": [*row["prompt"], {"role": "assistant", "content": "-"}]}, "messages"
-        )
+        answered = [*row["prompt"], {"role": "assistant", "content": "-"}]
+        problem = conversation_problem({"messages": answered, "tools": row.get("tools")}, "messages")
         if problem:
             return f"prompt: {problem}"
     answers = {}
@@ -213,7 +218,9 @@ def preference_problem(row: dict) -> str | None:
 def _asks(row: dict) -> bool:
     """Whether a preference row states its question: a prompt (text or messages) or alpaca's instruction."""
     prompt, instruction = row.get("prompt"), row.get("instruction")
-    return isinstance(prompt, list) or any(isinstance(text, str) and text.strip() for text in (prompt, instruction))
+    return (isinstance(prompt, list) and bool(prompt)) or any(
+        isinstance(text, str) and text.strip() for text in (prompt, instruction)
+    )
 
 
 def with_explicit_prompt(row: dict) -> dict:
@@ -221,7 +228,7 @@ def with_explicit_prompt(row: dict) -> dict:
     exchange) with the beginning they share moved into prompt: every message before the last, or the shared
     text up to a word boundary. The row itself when it has a question or they share no such beginning."""
     chosen, rejected = row.get("chosen"), row.get("rejected")
-    if row.get("prompt") is not None or _asks(row):
+    if _asks(row):
         return row
     if isinstance(chosen, list) and isinstance(rejected, list):
         if len(chosen) == len(rejected) > 1 and chosen[:-1] == rejected[:-1]:
@@ -307,11 +314,13 @@ def normalized(row: dict, data_format: str) -> dict:
     themselves, and a mask must not depend on where a template cut)."""
     if data_format == "preference":
         row = with_explicit_prompt(row)
-        asked = (
-            normalized({"messages": row["prompt"]}, "messages")
-            if isinstance(row.get("prompt"), list)
-            else {key: row[key] for key in ("prompt", "instruction", "input") if isinstance(row.get(key), str)}
-        )
+        prompt = row.get("prompt")
+        if isinstance(prompt, list):  # the conversation's tools and row-level system prompt come with it
+            asked = normalized({**row, "messages": prompt}, "messages")
+        elif isinstance(prompt, str) and prompt.strip():
+            asked = {"prompt": prompt}
+        else:
+            asked = {"instruction": row["instruction"], "input": row.get("input") or ""}
         return {**asked, "chosen": answer_text(row["chosen"]), "rejected": answer_text(row["rejected"])}
     if data_format not in CONVERSATIONAL:
         return row
@@ -485,7 +494,7 @@ def rendered_format(checked: CheckedData) -> str:
     alpaca's instruction and input, or as a plain prompt."""
     if checked.format != "preference" or not checked.rows:
         return checked.format
-    return _question_format(checked.rows[0])  # _inspect kept only rows that ask as the first one does
+    return _question_format(checked.rows[0])  # _inspect kept only rows that ask as most do
 
 
 def _question_format(row: dict) -> str:
@@ -493,13 +502,25 @@ def _question_format(row: dict) -> str:
     return "messages" if "messages" in row else "alpaca" if "instruction" in row else "prompt_completion"
 
 
-def _another_kind_of_question(row: dict, first: dict, first_number: int) -> str | None:
-    """A preference row that asks its question unlike the file's first kept row: one template renders a file."""
-    kinds = {"messages": "messages", "alpaca": "instruction", "prompt_completion": "a text prompt"}
-    kind, first_kind = kinds[_question_format(row)], kinds[_question_format(first)]
-    if kind == first_kind:
-        return None
-    return f"asks its question as {kind}, row {first_number} as {first_kind}; write every question the same way"
+def _one_kind_of_question(rows: list[dict], numbers: list[int]) -> tuple[list[dict], list[int], list[BadRow]]:
+    """(the preference rows that ask their question as most rows do, their numbers, the others as bad rows):
+    one template renders a file, so its questions are all text, all instructions, or all messages."""
+    kinds = {"messages": "messages", "alpaca": "an instruction", "prompt_completion": "a text prompt"}
+    counts = Counter(_question_format(row) for row in rows)
+    if len(counts) < 2:
+        return rows, numbers, []
+    most = counts.most_common(1)[0][0]
+    kept = [(row, number) for row, number in zip(rows, numbers) if _question_format(row) == most]
+    others = [
+        BadRow(
+            number,
+            f"asks its question as {kinds[_question_format(row)]}, while most rows ({counts[most]} of {len(rows)}) ask "
+            f"as {kinds[most]}; write every question the same way",
+        )
+        for row, number in zip(rows, numbers)
+        if _question_format(row) != most
+    ]
+    return [row for row, _ in kept], [number for _, number in kept], others
 
 
 def template_problems(section: DataSection, data_format: str, path: str) -> list[str]:
@@ -543,15 +564,13 @@ def _inspect(source: RowSource) -> tuple[CheckedData | None, list[str]]:
     for number, row in enumerate(rows, start=1):
         reason = row_problem(row, data_format)
         if reason is None:
-            row = normalized(row, data_format)
-            reason = (
-                _another_kind_of_question(row, kept[0], numbers[0]) if data_format == "preference" and kept else None
-            )
-        if reason is None:
-            kept.append(row)
+            kept.append(normalized(row, data_format))
             numbers.append(number)
         else:
             bad.append(BadRow(number, reason))
+    if data_format == "preference":
+        kept, numbers, others = _one_kind_of_question(kept, numbers)
+        bad = sorted([*bad, *others], key=lambda row: row.number)
     checked = CheckedData(
         path=source.path,
         columns=columns,

@@ -249,7 +249,7 @@ class Renderer:
         parts = {}
         for field in ("chosen", "rejected"):
             if "messages" in asked:
-                answered = {"messages": [*asked["messages"], {"role": "assistant", "content": row[field]}]}
+                answered = {**asked, "messages": [*asked["messages"], {"role": "assistant", "content": row[field]}]}
             elif "instruction" in asked:
                 answered = {
                     "instruction": asked["instruction"],

@@ -55,7 +55,7 @@ def test_bad_preference_rows_are_named(tmp_path):
         {"prompt": "q2", "chosen": "a"},
         {"prompt": "q3", "chosen": "same", "rejected": "same"},
         {"chosen": "a", "rejected": "b"},
-        {"prompt": "q5", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"},  # answers mixed
+        {"prompt": "q5", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"},  # kept: a list and a text
     ]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -65,11 +65,11 @@ def test_bad_preference_rows_are_named(tmp_path):
     assert "3 of 5 rows" in message
     assert "row 2: missing or empty field rejected" in message
     assert "row 3: chosen and rejected are the same answer" in message
-    assert "row 4: missing or empty field prompt" in message
+    assert "row 4: no prompt, and chosen and rejected share no beginning that ends in whitespace" in message
 
 
 def test_an_implicit_prompt_is_the_beginning_chosen_and_rejected_share(tmp_path):
-    from qlora_cli.data import RowFile
+    from qlora_cli.data import RowFile, normalized, preference_problem
 
     user = {"role": "user", "content": "q"}
     rows = [
@@ -84,6 +84,15 @@ def test_an_implicit_prompt_is_the_beginning_chosen_and_rejected_share(tmp_path)
         for name, row in zip(("conversation", "text"), rows)
     )
     assert conversation == {"messages": [user], "chosen": "a", "rejected": "b"}
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}
+    with_tools = {**rows[0], "tools": [tool], "system": "Be brief."}
+    assert normalized(with_tools, "preference") == {
+        "messages": [{"role": "system", "content": "Be brief."}, user],
+        "tools": [tool],
+        "chosen": "a",
+        "rejected": "b",
+    }
+    assert "share no beginning that ends in whitespace" in preference_problem({"chosen": "A:yes", "rejected": "A:no"})
     # Cut at the last whitespace both share: "Sure" and "Surely" are whole answers, not "e thing" and "ely not".
     assert text == {"prompt": "Human: hi\n\nAssistant: ", "chosen": "Sure thing", "rejected": "Surely not"}
 
@@ -95,8 +104,9 @@ def test_a_file_asks_every_question_one_way_and_an_implicit_prompt_must_be_share
         return {"role": role, "content": content}
 
     rows = [
-        {"prompt": "q1", "chosen": "a", "rejected": "b"},
-        {"prompt": [turn("user", "q2")], "chosen": "a", "rejected": "b"},
+        {"prompt": [turn("user", "q1")], "chosen": "a", "rejected": "b"},  # the odd one first: most rows decide
+        {"prompt": "q2", "chosen": "a", "rejected": "b"},
+        {"prompt": "q5", "instruction": "", "chosen": "a", "rejected": "b"},  # a blank instruction asks nothing
         {
             "chosen": [turn("user", "q3"), turn("assistant", "a")],
             "rejected": [turn("user", "q4"), turn("assistant", "b")],
@@ -105,8 +115,9 @@ def test_a_file_asks_every_question_one_way_and_an_implicit_prompt_must_be_share
     with pytest.raises(QloraError) as refused:
         check_data(RowFile(str(write_jsonl(tmp_path / "mixed.jsonl", rows)), format="preference"))
     message = str(refused.value)
-    assert "row 2: asks its question as messages, row 1 as a text prompt" in message
-    assert "row 3: no prompt, and chosen and rejected differ before their last message" in message
+    assert "2 of 4 rows" in message
+    assert "row 1: asks its question as messages, while most rows (2 of 3) ask as a text prompt" in message
+    assert "row 4: no prompt, and chosen and rejected differ before their last message" in message
 
 
 def test_eval_names_a_pair_the_template_cannot_render_before_the_weights_load(tmp_path, run_cli, monkeypatch):

@@ -90,15 +90,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def read_until(stream, text: str) -> str:
+def read_until(stream, text: str, also: Path | None = None) -> str:
     """Read a process's output line by line until a line contains `text`, the event a test waits for, and
-    return what was read; fail with it when the stream ends first."""
+    return what was read; fail with it (and the file `also`, e.g. its stderr) when the stream ends first."""
     seen = []
     for line in stream:
         seen.append(line)
         if text in line:
             return "".join(seen)
-    pytest.fail("".join(seen))
+    pytest.fail("".join(seen) + (also.read_text()[-3000:] if also else ""))
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:
@@ -112,16 +112,18 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 def stopped_by_sigterm(recipe: Path, home: Path) -> Path:
     """`qlora train recipe` in its own process, sent SIGTERM once its first step is logged (the trainer and its
     signal handler are running); the run folder, once the run saved at the step boundary and exited 143."""
-    process = subprocess.Popen(
-        [*QLORA, "train", str(recipe), "--adapters-dir", str(home)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    read_until(process.stdout, "step 1/")
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=600)
-    assert process.returncode == 143, stderr[-3000:]
+    errors = recipe.with_suffix(".stderr")
+    with errors.open("w") as stderr:  # a file, not a pipe no one reads until the end: it cannot fill and block
+        process = subprocess.Popen(
+            [*QLORA, "train", str(recipe), "--adapters-dir", str(home)],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+        read_until(process.stdout, "step 1/", also=errors)
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=600)
+    assert process.returncode == 143, errors.read_text()[-3000:]
     return Path(yaml.safe_load(recipe.read_text())["train"]["output_dir"])
 
 
@@ -137,6 +139,7 @@ def assert_resumed_as_straight(straight: Path, resumed: Path, home: Path, tolera
     print(f"resume equivalence: largest per-step loss difference {worst:.2e}")
     assert worst <= tolerance
     first_half = json.loads((resumed / "metrics.json").read_text())["resumed_at_step"]
+    assert 0 < first_half < max(expected), "the run was stopped with no step left to resume"
     assert all(expected[step] == got[step] for step in range(1, first_half + 1))
     a, b = (load_file(home / run.name / "adapter_model.safetensors") for run in (straight, resumed))
     assert a.keys() == b.keys() and all(a[key].dtype == torch.float32 and torch.equal(a[key], b[key]) for key in a)

@@ -25,8 +25,8 @@ from qlora_cli.chat import last_content
 from qlora_cli.data import IGNORE_INDEX, RowFile, check_data, listed_rows
 from qlora_cli.errors import QloraError
 from qlora_cli.files import prepare_output_file
-from qlora_cli.generate import BASE, MIX, Sampling, Session, load_records, open_session, parse_mix
-from qlora_cli.prompts import Renderer, Style
+from qlora_cli.generate import BASE, MIX, Sampling, Session, load_records, open_session, parse_mix, style_for
+from qlora_cli.prompts import Renderer
 from qlora_cli.recipe import local_or_hub
 
 MISSES_SHOWN = 3  # per adapter, under the table; --out holds every row
@@ -227,11 +227,12 @@ def run(
     weights = parse_mix(mix) if mix else None
     records = load_records(adapter_refs, mix=weights, home=home)
     names = [ref if ref == BASE else records[ref].folder.name for ref in adapter_refs] + ([MIX] if mix else [])
+    mix_lead = records[next(iter(weights))].folder.name if weights else None
     rows = held_out_rows(
         data_path,
         names,
         {record.folder.name: record for record in records.values()},
-        mix_lead=records[next(iter(weights))].folder.name if weights else None,
+        mix_lead=mix_lead,
         max_rows=max_rows,
     )
     preference = any("chosen" in row for name_rows in rows.values() for row in name_rows[:1])
@@ -244,8 +245,7 @@ def run(
         adapter), so that a row the template refuses is named before the weights load."""
         styles = {record.folder.name: record.style for record in records.values()}
         for name, name_rows in rows.items():
-            owner = records[next(iter(weights))].folder.name if name == MIX else name
-            style = styles.get(owner) or next(iter(styles.values()), Style())
+            style = style_for(styles, mix_lead if name == MIX else name)
             pairs[name] = rendered_pairs(Renderer(style, tokenizer), name_rows, data_path, name)
 
     session = open_session(

@@ -65,10 +65,7 @@ class Session:
         return [BASE, *self.styles]
 
     def style(self, adapter: str) -> Style:
-        """The Style `adapter` is prompted with: its own, as trained. The base has none of its own and
-        borrows the first adapter's, so that the two answer the same question."""
-        owner = adapter if adapter in self.styles else next(iter(self.styles), None)
-        return self.styles.get(owner, Style())
+        return style_for(self.styles, adapter)
 
     def renderer(self, adapter: str) -> Renderer:
         style = self.style(adapter)
@@ -242,6 +239,13 @@ def load_records(
     order given; reads only qlora.json, no weights."""
     refs = [ref for ref in dict.fromkeys([*adapter_refs, *(mix or {})]) if ref != BASE]
     return {ref: AdapterRecord.load(adapters.find_adapter(ref, home)) for ref in refs}
+
+
+def style_for(styles: dict[str, Style], adapter: str) -> Style:
+    """The Style `adapter` is prompted with: its own, as trained. The base has none of its own and borrows the
+    first adapter's, so that the two answer the same question."""
+    owner = adapter if adapter in styles else next(iter(styles), None)
+    return styles.get(owner, Style())
 
 
 def open_session(

@@ -1065,7 +1065,7 @@ def flipped_query(query: str) -> str | None:
 
 
 def sql_preference_rows(rows: list[dict]) -> list[dict]:
-    """DPO pairs from sql training rows: the right query chosen, the same query turned around rejected."""
+    """DPO pairs from sql rows: the right query chosen, the same query turned around rejected."""
     pairs = []
     for row in rows:
         rejected = flipped_query(row["output"])

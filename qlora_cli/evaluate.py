@@ -240,17 +240,17 @@ def run(
         raise QloraError("--sql runs generated queries; preference data is scored by likelihood, without --sql")
     pairs: dict[str, list[dict]] = {}
 
-    def render_pairs(tokenizer) -> None:
-        """Every pair as each name is prompted (Session.style: a mix as its first member, the base as the first
-        adapter), so that a row the template refuses is named before the weights load."""
+    def render_rows(tokenizer) -> None:
+        """Every row as each name is prompted (a mix as its first member, the base as the first adapter), so that
+        a row the template refuses is named before the weights load; preference pairs are kept for scoring."""
         styles = {record.folder.name: record.style for record in records.values()}
         for name, name_rows in rows.items():
-            style = style_for(styles, mix_lead if name == MIX else name)
-            pairs[name] = rendered_pairs(Renderer(style, tokenizer), name_rows, data_path, name)
+            renderer = Renderer(style_for(styles, mix_lead if name == MIX else name), tokenizer)
+            rendered = rendered_rows(renderer, name_rows, data_path, name, preference=preference)
+            if preference:
+                pairs[name] = rendered
 
-    session = open_session(
-        adapter_refs, mix=weights, base=base, home=home, before_weights=render_pairs if preference else None
-    )
+    session = open_session(adapter_refs, mix=weights, base=base, home=home, before_weights=render_rows)
     scores = [] if preference else score(session, rows, sql=sql)
     preferences = [preference_score(session, name_pairs, name) for name, name_pairs in pairs.items()]
     if out is not None:
@@ -267,16 +267,19 @@ def run(
     )
 
 
-def rendered_pairs(renderer: Renderer, rows: list[dict], data_path: str, adapter: str) -> list[dict]:
-    """Each preference row rendered as `adapter` was trained to be prompted; a row the template cannot
-    render is named (eval's rows are the file's, in order, none dropped)."""
-    pairs = []
+def rendered_rows(
+    renderer: Renderer, rows: list[dict], data_path: str, adapter: str, *, preference: bool
+) -> list[dict]:
+    """Each row rendered as `adapter` was trained to be prompted (a preference pair, or the example whose
+    response eval's loss reads); a row the template cannot render is named (eval's rows are the file's, in
+    order, none dropped)."""
+    rendered = []
     for number, row in enumerate(rows, start=1):
         try:
-            pairs.append(renderer.preference(row))
+            rendered.append(renderer.preference(row) if preference else renderer.example(row, train_on="last"))
         except QloraError as error:
             raise QloraError(f"--data: {data_path}: row {number}, rendered for {adapter}: {error}") from None
-    return pairs
+    return rendered
 
 
 def preference_score(session: Session, pairs: list[dict], adapter: str) -> PreferenceScore:

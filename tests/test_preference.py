@@ -120,16 +120,25 @@ def test_a_file_asks_every_question_one_way_and_an_implicit_prompt_must_be_share
     assert "row 4: no prompt, and chosen and rejected differ before their last message" in message
 
 
-def test_eval_names_a_pair_the_template_cannot_render_before_the_weights_load(tmp_path, run_cli, monkeypatch):
+@pytest.mark.parametrize(
+    "conversation",
+    [
+        {"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    ],
+    ids=["preference pair", "conversation"],
+)
+def test_eval_names_a_row_the_template_cannot_render_before_the_weights_load(
+    conversation, tmp_path, run_cli, monkeypatch
+):
     from qlora_cli import generate
 
     def loading(*args, **kwargs):
         raise AssertionError("the weights began to load")
 
     monkeypatch.setattr(generate, "load_model", loading)
-    conversation = {"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", [conversation])
-    code, _, err = run_cli(["eval", "--data", str(pairs), "-a", "none", "--base", str(TINY / "base")])
+    rows = write_jsonl(tmp_path / "rows.jsonl", [conversation])
+    code, _, err = run_cli(["eval", "--data", str(rows), "-a", "none", "--base", str(TINY / "base")])
     assert code == 1 and "row 1, rendered for none: the alpaca template renders one prompt" in err, err
 
 

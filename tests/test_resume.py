@@ -62,8 +62,9 @@ def kill_points(run_dir: Path, lines: list[str]) -> dict[str, object]:
 
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_base):
     home = tmp_path / "adapters"
-    straight = write_recipe(tmp_path, "straight", train=QUICK, data={"max_rows": 200, "eval_path": None})
-    resumed = write_recipe(tmp_path, "resumed", train=QUICK, data={"max_rows": 200, "eval_path": None})
+    steps = {**QUICK, "batch_size": 8}
+    straight = write_recipe(tmp_path, "straight", train=steps, data={"max_rows": 200, "eval_path": None})
+    resumed = write_recipe(tmp_path, "resumed", train=steps, data={"max_rows": 200, "eval_path": None})
     train.run(load_recipe(straight), adapters_dir=str(home))  # in this process: the same numbers, no start-up
 
     process = subprocess.Popen(

@@ -212,6 +212,16 @@ def test_a_parent_trained_on_another_base_is_refused(parent, run_cli, tmp_path):
     assert not (home / "sql-dpo").exists()
 
 
+def test_a_parent_that_is_the_adapter_being_written_is_refused_even_with_force(parent, run_cli, tmp_path):
+    home = tmp_path / "adapters"
+    shutil.copytree(parent / "adapters" / "sql", home / "sql")
+    before = (home / "sql" / "adapter_model.safetensors").read_bytes()
+    code, _, err = run_cli(["train", str(dpo_recipe(tmp_path, "sql")), "--force", "--adapters-dir", str(home)])
+    assert code == 1 and "lora.init_from: sql is the adapter this recipe writes" in err, err
+    assert (home / "sql" / "adapter_model.safetensors").read_bytes() == before
+    assert not (tmp_path / "runs" / "sql").exists()
+
+
 def test_orpo_trains_from_the_named_adapter_with_no_reference(parent, run_cli, tmp_path):
     home = parent / "adapters"
     recipe = write_recipe(

@@ -104,6 +104,8 @@ def test_pissa_on_a_4bit_base_and_loftq_on_a_16bit_one_are_refused_before_loadin
         ("pissa4", {"init": "pissa"}, {}),
         ("loftq16", {"init": "loftq"}, {"load_in_4bit": False}),
         ("dora-olora", {"init": "olora", "use_dora": True}, {}),
+        ("dora-loftq", {"init": "loftq", "use_dora": True}, {}),
+        ("dora-pissa", {"init": "pissa", "use_dora": True}, {"load_in_4bit": False}),
     ):
         recipe = write_recipe(tmp_path, name, lora=lora, model=model)
         code, _, err = run_cli(["train", str(recipe), "--adapters-dir", str(tmp_path / "adapters")])

@@ -20,7 +20,7 @@ from qlora_cli.errors import ExitCode, QloraError
 from qlora_cli.files import check_new_output
 from qlora_cli.memory import LINEAR_NAMES, MOE_KEYS, text_config
 from qlora_cli.plan import cached_config_path, read_config
-from qlora_cli.recipe import ADAPTER_NAME, RESERVED_ADAPTER_NAMES, LoraSection, Recipe, is_local
+from qlora_cli.recipe import ADAPTER_NAME, RESERVED_ADAPTER_NAMES, LoraSection, Recipe, is_local, method_problem
 
 # Model types laid out as model.layers.N.self_attn.{q,k,v,o}_proj and model.layers.N.mlp.{gate,up,down}_proj.
 LLAMA_STYLE_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"}
@@ -352,18 +352,10 @@ def check_run_dir_free(run_dir: Path, recipe: Recipe, recipe_file: Path | None, 
 
 
 def check_method(recipe: Recipe, data_format: str | None) -> None:
-    """train.method against the rows the data holds (the recipe checks data.format when it is set)."""
-    if data_format is None:
-        return
-    if recipe.train.method in ("dpo", "orpo") and data_format != "preference":
-        raise QloraError(
-            f"train.method: {recipe.train.method} learns from preference rows (prompt or instruction, chosen, "
-            f"rejected); {recipe.data.path} holds {data_format} rows"
-        )
-    if recipe.train.method == "sft" and data_format == "preference":
-        raise QloraError(
-            f"{recipe.data.path} holds preference rows (chosen, rejected): train them with --set train.method=dpo (or orpo)"
-        )
+    """train.method against the rows the data file holds (the recipe checked data.format, when it is set)."""
+    problem = method_problem(recipe.train.method, data_format, recipe.data.path)
+    if problem:
+        raise QloraError(problem)
 
 
 def check_parent(section: LoraSection, home: str | None):

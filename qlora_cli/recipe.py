@@ -338,6 +338,20 @@ class TrainSection(Section):
     )
 
 
+def method_problem(method: str, data_format: str | None, holder: str) -> str | None:
+    """Why train.method cannot learn from rows of `data_format`, which `holder` (a file, or data.format) holds;
+    None when it can, or when the format is not known yet. The recipe asks with data.format, train with the
+    format it detected in the file."""
+    if method in ("dpo", "orpo") and data_format not in (None, "preference"):
+        return (
+            f"train.method: {method} learns from preference rows (prompt or instruction, chosen, rejected); "
+            f"{holder} holds {data_format} rows"
+        )
+    if method == "sft" and data_format == "preference":
+        return f"{holder} holds preference rows (chosen, rejected): train them with --set train.method=dpo (or orpo)"
+    return None
+
+
 class Recipe(Section):
     model: ModelSection
     lora: LoraSection
@@ -378,16 +392,9 @@ class Recipe(Section):
                 f"lora.init: {lora.init} with lora.init_from: the adapter starts from {lora.init_from}'s weights; "
                 "remove one of the two"
             )
-        data_format, method = self.data.format, self.train.method
-        if method in ("dpo", "orpo") and data_format not in (None, "preference"):
-            raise ValueError(
-                f"train.method: {method} learns from preference rows (prompt, chosen, rejected); "
-                f"data.format is {data_format}"
-            )
-        if method == "sft" and data_format == "preference":
-            raise ValueError(
-                "data.format: preference rows train with train.method: dpo or orpo (sft has no one answer to learn)"
-            )
+        problem = method_problem(self.train.method, self.data.format, "data.format says the data")
+        if problem:
+            raise ValueError(problem)
         if lora.use_dora and lora.init == "loftq":
             raise ValueError(
                 "lora.use_dora with lora.init: loftq: DoRA's magnitudes are taken from the 4-bit weights before "

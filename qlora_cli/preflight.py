@@ -52,7 +52,7 @@ class Validated:
 def run(recipe: Recipe, recipe_file: Path, *, adapters_dir: str | None = None) -> Validated:
     """Check the data, the model and the target modules; one QloraError lists every problem."""
     data, problems = inspect_section(recipe.data, read_hub=False)
-    checks = [lambda: check_method(recipe, data.train.format if data.train else None)]
+    checks = [lambda: check_method(recipe, data)]
     if recipe.lora.init_from is not None:
         checks.append(lambda: check_parent(recipe.lora, adapters_dir))
     for check in checks:
@@ -351,11 +351,14 @@ def check_run_dir_free(run_dir: Path, recipe: Recipe, recipe_file: Path | None, 
     raise QloraError(f"train.output_dir: {run_dir} already holds {held}; {advice}", exit_code=ExitCode.RUN_EXISTS)
 
 
-def check_method(recipe: Recipe, data_format: str | None) -> None:
-    """train.method against the rows the data file holds (the recipe checked data.format, when it is set)."""
-    problem = method_problem(recipe.train.method, data_format, recipe.data.path)
-    if problem:
-        raise QloraError(problem)
+def check_method(recipe: Recipe, data: CheckedSection) -> None:
+    """train.method against the rows each data file holds, the evaluation file's too: DPO evaluates pairs, and
+    an eval file of another kind would fail only at the first evaluation (the recipe checked data.format,
+    when it is set)."""
+    for checked in (data.train, data.eval):
+        problem = method_problem(recipe.train.method, checked.format, checked.path) if checked else None
+        if problem:
+            raise QloraError(problem)
 
 
 def check_parent(section: LoraSection, home: str | None):

@@ -344,7 +344,7 @@ def run(
     device = None if dry_run else check_device(recipe.model)
     check_sharding(recipe)
     checked = check_section(recipe.data)  # every data problem at once, before the model is fetched
-    check_method(recipe, checked.train.format if checked.train else None)
+    check_method(recipe, checked)
     parent = check_parent(recipe.lora, adapters_dir) if recipe.lora.init_from is not None else None
     if recipe.lora.use_dora:  # said now, not when someone tries to deploy it
         log.warning(

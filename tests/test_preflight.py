@@ -269,3 +269,17 @@ def test_validate_tells_a_hub_id_from_a_local_folder(tmp_path, run_cli):
     code, _, err = validate(run_cli, local)
     assert code == ExitCode.USER_ERROR
     assert f"model.id: {tmp_path / 'weights-only'} has no config.json; is it a transformers model folder?" in err
+
+
+def test_validate_refuses_an_eval_file_that_dpo_cannot_evaluate(tmp_path, run_cli):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    recipe = write_recipe(
+        tmp_path,
+        "pairs",
+        data={"path": str(pairs), "eval_path": str(TINY / "sql" / "test.jsonl")},
+        train={"method": "dpo"},
+    )
+    code, _, err = validate(run_cli, recipe)
+    assert code == ExitCode.USER_ERROR
+    assert "train.method: dpo learns from preference rows" in " ".join(err.split())
+    assert f"{TINY / 'sql' / 'test.jsonl'} holds alpaca rows" in " ".join(err.split())

@@ -91,7 +91,7 @@ def orpo_config(recipe: Recipe, *, use_cpu: bool):
 
 
 def trainer_arguments(recipe: Recipe, *, use_cpu: bool) -> dict:
-    """What SFT and DPO runs share: schedule, optimizer, checkpoints, precision, logging."""
+    """What SFT, DPO and ORPO runs share: schedule, optimizer, checkpoints, precision, logging."""
     train = recipe.train
     return dict(
         output_dir=train.output_dir,
